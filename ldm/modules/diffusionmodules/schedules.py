@@ -1,0 +1,76 @@
+"""Pure noise-schedule functions (float64 maths), independent of any model.
+
+These reproduce the original Stable Diffusion conventions exactly, including its traps:
+``"linear"`` is linear in sqrt(beta); DDIM timesteps start at 1; ``alphas_prev[0]`` is ``alphas_cumprod[0]``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+
+
+def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                       cosine_s: float = 8e-3) -> np.ndarray:
+    """Betas of a named schedule as a float64 array of shape [n_timestep]."""
+    if n_timestep < 1:
+        raise ValueError(f"n_timestep must be >= 1, got {n_timestep}")
+    if schedule == "linear":
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas_bar = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas_bar = alphas_bar / alphas_bar[0]
+        betas = (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(min=0, max=0.999)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    else:
+        raise ValueError(f"unknown beta schedule '{schedule}'; choose one of {', '.join(BETA_SCHEDULES)}")
+    return betas.numpy()
+
+
+def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int,
+                        verbose: bool = True) -> np.ndarray:
+    """DDPM timesteps visited by DDIM, ascending, int64: ``range(0, T, T // S) + 1`` for "uniform".
+
+    Where the original grid would reach timestep T (an IndexError there, e.g. S=9 or 27 with T=1000),
+    the out-of-range steps are dropped, which leaves exactly S steps for those counts.
+    """
+    if num_ddim_timesteps < 1:
+        raise ValueError(f"the number of sampling steps must be >= 1, got {num_ddim_timesteps}")
+    if num_ddim_timesteps > num_ddpm_timesteps:
+        raise ValueError(f"cannot take {num_ddim_timesteps} sampling steps from a model trained with "
+                         f"{num_ddpm_timesteps} timesteps; use at most {num_ddpm_timesteps}")
+    if ddim_discr_method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif ddim_discr_method == "quad":
+        ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise NotImplementedError(f'There is no ddim discretization method called "{ddim_discr_method}"')
+    steps_out = ddim_timesteps + 1
+    steps_out = steps_out[steps_out < num_ddpm_timesteps].astype(np.int64)
+    if verbose:
+        logger.info("Selected timesteps for ddim sampler: %s", steps_out)
+    return steps_out
+
+
+def make_ddim_sampling_parameters(alphacums: np.ndarray, ddim_timesteps: np.ndarray, eta: float,
+                                  verbose: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DDIM (sigmas, alphas, alphas_prev) at the selected timesteps; alphas_prev[0] = alphacums[0]."""
+    alphacums = np.asarray(alphacums)
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    if verbose:
+        logger.info("Selected alphas for ddim sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
+        logger.info("For the chosen value of eta, which is %s, this results in sigma_t schedule %s", eta, sigmas)
+    return sigmas, alphas, alphas_prev
