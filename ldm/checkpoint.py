@@ -1,0 +1,267 @@
+"""Checkpoint I/O in one place: safe reading, EMA handling, an explicit list of ignorable keys, clear mismatch reports.
+
+Reading never executes code from a file: ``.safetensors`` is plain data, and pickled ``.ckpt``/``.pt``/``.bin``
+files go through ``torch.load(weights_only=True)`` with stand-ins for the Lightning/numpy objects that real
+Stable Diffusion checkpoints carry next to their weights (so neither Lightning nor any code of theirs is needed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+EMA_PREFIX = "model_ema."
+EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+
+# Keys a real checkpoint may hold that a correctly built model may lack (or the reverse). Each entry is tested.
+IGNORABLE_UNEXPECTED = (
+    # transformers < 4.31 saved this buffer; newer ones do not: both must load.
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    # EMA bookkeeping scalars, kept in some EMA-only releases.
+    *EMA_SCALARS,
+    # open_clip's causal mask: non-persistent in open_clip, but a few converted files saved it.
+    "cond_stage_model.model.attn_mask",
+)
+IGNORABLE_MISSING = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+class _PickledStandIn:
+    """Inert stand-in for a class named in a pickle (e.g. a Lightning callback): it only stores state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _stand_in(qualified: str) -> tuple[type, str]:
+    module, _, name = qualified.rpartition(".")
+    cls = type(name, (_PickledStandIn,), {"__module__": module, "__qualname__": name})
+    return cls, qualified
+
+
+# Non-tensor objects that SD-era Lightning checkpoints pickle beside the state_dict.
+_ALLOWED_FOREIGN_GLOBALS = tuple(
+    f"{root}.callbacks.{mod}.{cls}"
+    for root in ("pytorch_lightning", "lightning.pytorch")
+    for mod, cls in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"),
+                     ("lr_monitor", "LearningRateMonitor"), ("progress.tqdm_progress", "TQDMProgressBar"))
+) + ("argparse.Namespace", "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig")
+
+
+def _safe_globals() -> list:
+    import numpy as np
+
+    allowed: list = [_stand_in(name) for name in _ALLOWED_FOREIGN_GLOBALS]
+    try:  # numpy scalars (e.g. best_model_score) pickled by Lightning
+        from numpy.core.multiarray import scalar as np_scalar  # type: ignore[attr-defined]
+        allowed.append((np_scalar, "numpy.core.multiarray.scalar"))
+    except ImportError:  # pragma: no cover - numpy layout changes
+        pass
+    allowed += [np.dtype, type(np.dtype("float32")), type(np.dtype("float64")), type(np.dtype("int64"))]
+    return allowed
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: '{p}'. Check the path (pass --ckpt PATH to a .safetensors or "
+                              f".ckpt file).")
+    if p.is_dir():
+        raise CheckpointError(f"'{p}' is a folder, not a checkpoint file: point to the .safetensors/.ckpt inside it.")
+    return p
+
+
+def _read_pickle(p: Path) -> Any:
+    kwargs: dict[str, Any] = dict(map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:  # memory-map zip checkpoints: the weights stay file-backed instead of a second copy in RAM
+                return torch.load(p, mmap=True, **kwargs)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                return torch.load(p, **kwargs)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load '{p}': it contains pickled objects that are not plain weights, and loading them "
+            f"could execute code. Details: {str(e).splitlines()[0]}. If you trust the file, convert it to "
+            f".safetensors with a tool you trust, then load that.") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint '{p}': {e}. The file may be truncated or not a PyTorch "
+                              f"checkpoint; download or export it again.") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint safely; returns (flat state_dict, extra top-level entries such as global_step)."""
+    p = _check_file(path)
+    if p.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(p), device="cpu"), {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file '{p}': {e}. The file may be truncated.") from None
+    obj = _read_pickle(p)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"'{p}' holds a {type(obj).__name__}, not a state_dict: it is not a model checkpoint.")
+    extra: dict[str, Any] = {}
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        extra = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"'{p}' contains no tensors: it is not a model checkpoint.")
+    if "global_step" in extra:
+        logger.info("checkpoint '%s' was saved at global step %s", p.name, extra["global_step"])
+    return sd, extra
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Flat state_dict of a ``.safetensors``/``.ckpt`` file (``state_dict`` wrapper removed), read safely."""
+    return read_checkpoint(path)[0]
+
+
+def ema_key(param_name: str) -> str:
+    """Full-checkpoint EMA key of a ``model.*`` parameter: ``model.a.b.c`` -> ``model_ema.abc``."""
+    if not param_name.startswith("model."):
+        raise ValueError(f"EMA keys exist only for 'model.*' parameters, not '{param_name}'")
+    return EMA_PREFIX + param_name[len("model."):].replace(".", "")
+
+
+def has_ema(sd: Mapping[str, Any]) -> bool:
+    """True when ``sd`` is a full checkpoint holding EMA copies (``model_ema.<name>``) of the UNet weights."""
+    return any(k.startswith(EMA_PREFIX) and k not in EMA_SCALARS for k in sd)
+
+
+def apply_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy of ``sd`` where every ``model.*`` tensor is replaced by its EMA twin and ``model_ema.*`` are dropped."""
+    out = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    missing = []
+    for k in out:
+        if k.startswith("model."):
+            e = ema_key(k)
+            if e in sd:
+                out[k] = sd[e]
+            else:
+                missing.append(k)
+    if missing:
+        raise CheckpointError(f"the checkpoint's EMA weights are incomplete: {len(missing)} 'model.*' tensors have "
+                              f"no EMA copy (first: {missing[0]}). Load the raw weights instead (use_ema=False).")
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What happened when a state_dict was loaded into a model."""
+
+    used_ema: bool = False
+    ignored: list[str] = field(default_factory=list)
+
+
+def _first(keys: Iterable[str], n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def mismatch_message(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint", target: str = "model") -> str | None:
+    """Readable report of missing / unexpected / wrong-shape keys with a hint, or None when they fit."""
+    missing = [k for k in model_sd if k not in sd and k not in IGNORABLE_MISSING]
+    unexpected = [k for k in sd if k not in model_sd and k not in IGNORABLE_UNEXPECTED]
+    shapes = [f"{k}: {source} {list(sd[k].shape)} vs {target} {list(model_sd[k].shape)}"
+              for k in model_sd if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    lines = [f"the {source} does not fit the {target}:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing keys, e.g. {_first(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys, e.g. {_first(unexpected)}")
+    if shapes:
+        lines.append(f"  {len(shapes)} keys with the wrong shape, e.g. {_first(shapes, 3)}")
+    from ldm.model_family import describe_mismatch_hint
+    hint = describe_mismatch_hint(sd, model_sd)
+    if hint:
+        lines.append(f"hint: {hint}")
+    return "\n".join(lines)
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool | None = None,
+                 source: str = "checkpoint") -> LoadReport:
+    """Load ``sd`` strictly into ``model``; EMA weights go into the model when ``use_ema`` (None: when present).
+
+    Full checkpoints carry both raw (``model.*``) and EMA (``model_ema.*``) UNet weights. A model that has its own
+    ``model_ema`` (training) receives both as they are; otherwise the chosen set is put under ``model.*``.
+    """
+    model_sd = model.state_dict()
+    report = LoadReport()
+    model_has_ema = any(k.startswith(EMA_PREFIX) for k in model_sd)
+    if not model_has_ema and has_ema(sd):
+        want = True if use_ema is None else use_ema
+        if want:
+            sd = apply_ema(sd)
+            report.used_ema = True
+        else:
+            sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+        logger.info("full checkpoint: using its %s UNet weights", "EMA" if want else "raw (non-EMA)")
+    elif use_ema and not has_ema(sd):
+        logger.info("the checkpoint has no separate EMA weights; using the weights it has")
+    msg = mismatch_message(model_sd, sd, source=source)
+    if msg:
+        raise CheckpointError(msg)
+    report.ignored = [k for k in sd if k not in model_sd]
+    sd = {k: v for k, v in sd.items() if k in model_sd}
+    result = model.load_state_dict(sd, strict=False)
+    still_missing = [k for k in result.missing_keys if k not in IGNORABLE_MISSING]
+    if still_missing:  # pragma: no cover - mismatch_message catches these first
+        raise CheckpointError(f"missing keys after loading: {_first(still_missing)}")
+    if report.ignored:
+        logger.debug("ignored checkpoint keys: %s", report.ignored)
+    return report
+
+
+def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, use_ema: bool | None = None,
+                           device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Instantiate ``config`` (a ``model:`` section or its content) and load ``ckpt`` into it; returns eval()."""
+    from ldm.util import instantiate_from_config
+
+    cfg = config.model if hasattr(config, "model") or (isinstance(config, Mapping) and "model" in config) else config
+    if isinstance(cfg, Mapping) and "model" in cfg and "target" not in cfg:
+        cfg = cfg["model"]
+    model = instantiate_from_config(cfg)
+    if ckpt is not None:
+        sd = load_state_dict_file(ckpt)
+        load_weights(model, sd, use_ema=use_ema, source=f"checkpoint '{Path(ckpt).name}'")
+        del sd
+    return model.to(device).eval()
+
+
+def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``sd`` to ``path`` as safetensors atomically (temporary file, then rename); tensors made contiguous."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

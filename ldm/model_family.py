@@ -1,0 +1,72 @@
+"""Tell which Stable Diffusion family a state_dict belongs to, from its keys and shapes alone."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "stable-diffusion"
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+SD1_TEXT = "cond_stage_model.transformer.text_model."
+SD2_TEXT = "cond_stage_model.model.transformer.resblocks."
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: a name, the inference config that builds it, and what had to be assumed."""
+
+    name: str
+    config: Path | None
+    assumption: str = ""
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
+    v = sd.get(key)
+    return tuple(v.shape) if v is not None and hasattr(v, "shape") else None
+
+
+def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
+    """Family of a full SD checkpoint's state_dict; raises ValueError when it is not one we can build."""
+    unet_in = _shape(sd, UNET_IN)
+    if unet_in is None:
+        raise ValueError(f"no '{UNET_IN}' key: this is not a full Stable Diffusion checkpoint (a VAE or a LoRA "
+                         f"file?). Pass a full model checkpoint, or a VAE with --vae.")
+    if unet_in[1] == 9:
+        raise ValueError("this is an inpainting checkpoint (9 UNet input channels): txt2img/img2img need a "
+                         "regular text-to-image checkpoint")
+    if any(k.startswith(SD1_TEXT) for k in sd):
+        return Family("sd1", CONFIG_DIR / "v1-inference.yaml")
+    if any(k.startswith(SD2_TEXT) for k in sd):
+        low = Path(filename).name.lower()
+        if "base" in low or "512" in low:
+            return Family("sd2", CONFIG_DIR / "v2-inference.yaml",
+                          "assumed an SD 2.x base model (eps-prediction, 512 px) from the file name; for a "
+                          "v-prediction model pass --config configs/stable-diffusion/v2-inference-v.yaml")
+        return Family("sd2-v", CONFIG_DIR / "v2-inference-v.yaml",
+                      "assumed an SD 2.x v-prediction model (768 px): eps vs v cannot be told from the weights; "
+                      "for a base/eps model pass --config configs/stable-diffusion/v2-inference.yaml")
+    raise ValueError("unknown text encoder layout (neither SD 1 CLIP nor SD 2 OpenCLIP keys): pass --config")
+
+
+def describe_mismatch_hint(sd: Mapping[str, Any], model_sd: Mapping[str, Any]) -> str:
+    """One-line hint naming the config that would fit ``sd`` better than the model's, or ''."""
+    try:
+        fam = detect_family(sd)
+    except ValueError:
+        if _shape(sd, UNET_IN) is None and any(k.startswith("encoder.") for k in sd):
+            return "this looks like a standalone autoencoder (VAE) file: load it with --vae"
+        return ""
+    try:
+        mine = detect_family(model_sd)
+    except ValueError:
+        mine = None
+    if mine is not None and mine.name.startswith(fam.name[:3]):
+        return ""
+    if fam.name == "sd1":
+        return "this looks like an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml"
+    return ("this looks like an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference-v.yaml for the "
+            "v-prediction (768 px) models or v2-inference.yaml for the eps (512 px base) models")
