@@ -86,6 +86,17 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def _unpickling_detail(message: str) -> str:
+    """The informative line of torch's weights-only unpickling error (it wraps it in generic advice)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+        if "GLOBAL" in ln:
+            return ln
+    return lines[-1] if lines else "unpickling failed"
+
+
 def _read_pickle(p: Path) -> Any:
     kwargs: dict[str, Any] = dict(map_location="cpu", weights_only=True)
     try:
@@ -97,10 +108,14 @@ def _read_pickle(p: Path) -> Any:
                     raise
                 return torch.load(p, **kwargs)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
+        detail = _unpickling_detail(str(e))
+        if "GLOBAL" not in detail:
+            raise CheckpointError(f"cannot read checkpoint '{p}': PyTorch's safe loader does not accept it ({detail}). "
+                                  f"The file may be truncated, corrupt or not a PyTorch checkpoint.") from None
         raise CheckpointError(
             f"refusing to load '{p}': it contains pickled objects that are not plain weights, and loading them "
-            f"could execute code. Details: {str(e).splitlines()[0]}. If you trust the file, convert it to "
-            f".safetensors with a tool you trust, then load that.") from None
+            f"could execute code ({detail}). If you trust the file, convert it to .safetensors with a tool you "
+            f"trust, then load that.") from None
     except (EOFError, RuntimeError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint '{p}': {e}. The file may be truncated or not a PyTorch "
                               f"checkpoint; download or export it again.") from None
