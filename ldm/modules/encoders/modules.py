@@ -1,0 +1,191 @@
+"""Frozen text encoders of Stable Diffusion: SD1 (HF-layout CLIP ViT-L/14) and SD2 (OpenCLIP).
+
+Nothing is downloaded: the architectures come from local configs or built-in defaults and every
+weight is loaded afterwards from the SD checkpoint (``cond_stage_model.*``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ldm.modules.encoders.clip_text import CLIPTextModel, load_text_config
+from ldm.modules.encoders.tokenizer import (Prompts, hf_bpe_ids, open_clip_bpe_ids, open_clip_tokenize,
+                                            sd1_tokenize, truncated_text)
+
+logger = logging.getLogger(__name__)
+
+# Stand-in for the image tower, which the SD2 embedder deletes right after construction anyway.
+_DISCARDED_VISION_CFG = {"image_size": 16, "patch_size": 16, "width": 16, "layers": 1, "head_width": 16}
+
+
+class AbstractEncoder(nn.Module):
+    """Base class of the conditioning encoders: ``encode(x)`` gives the conditioning."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        """Conditioning for the given input."""
+        raise NotImplementedError
+
+
+class _FrozenTextEncoder(AbstractEncoder):
+    """Shared behaviour of the text encoders: freezing, device and dtype from the parameters."""
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (tokens are moved there)."""
+        return next(self.parameters()).device
+
+    def freeze(self) -> None:
+        """Evaluation mode and no gradients for every parameter."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def encode(self, text: Prompts) -> torch.Tensor:
+        """Conditioning [B, 77, width] for a prompt or a list of prompts."""
+        return self(text)
+
+
+class FrozenCLIPEmbedder(_FrozenTextEncoder):
+    """SD1 text encoder: CLIP text transformer in the transformers ``CLIPTextModel`` layout (``transformer.*``).
+
+    ``version`` is a local folder with an HF ``config.json`` (CLIPTextConfig or CLIPConfig); any other
+    value (e.g. ``openai/clip-vit-large-patch14``) selects the ViT-L/14 text architecture. Prompts are
+    padded with the end-of-text token, as the SD1 tokenizer does.
+    """
+
+    LAYERS = ("last", "pooled", "hidden")
+
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: str = "cpu", max_length: int = 77,
+                 freeze: bool = True, layer: str = "last", layer_idx: Optional[int] = None):
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        config = load_text_config(version)
+        if max_length > config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions")
+        if layer == "hidden" and (layer_idx is None or abs(layer_idx) > config.num_hidden_layers):
+            raise ValueError(f"layer 'hidden' needs layer_idx in [-{config.num_hidden_layers}, "
+                             f"{config.num_hidden_layers}], got {layer_idx}")
+        self.transformer = CLIPTextModel(config)
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        logger.debug("FrozenCLIPEmbedder(version=%r): device argument %r ignored; the parameters' device is used",
+                     version, device)
+        if freeze:
+            self.freeze()
+
+    def tokenize(self, text: Prompts) -> torch.Tensor:
+        """Token ids [B, max_length] int64 (SOT, BPE, EOT, EOT padding) on CPU."""
+        return sd1_tokenize(text, self.max_length)
+
+    def dropped_words(self, text: str) -> str:
+        """The end of ``text`` that truncation to ``max_length`` tokens removes ('' when it fits)."""
+        return truncated_text(text, self.max_length, hf_bpe_ids)
+
+    def forward(self, text: Prompts) -> torch.Tensor:
+        """Hidden states [B, max_length, hidden] (or [B, 1, hidden] for layer 'pooled')."""
+        tokens = self.tokenize(text).to(self.device)
+        last, states = self.transformer(tokens)
+        if self.layer == "last":
+            return last
+        if self.layer == "pooled":
+            return self.transformer.pooled(tokens, last)[:, None, :]
+        return states[self.layer_idx]
+
+
+def open_clip_config(arch: str, arch_config: Optional[Mapping[str, Any]]) -> dict:
+    """The open_clip model config dict (embed_dim, vision_cfg, text_cfg, ...) for ``arch`` or ``arch_config``."""
+    import open_clip
+
+    if arch_config is not None:
+        config = copy.deepcopy(dict(arch_config))
+    else:
+        config = open_clip.get_model_config(arch)
+        if config is None:
+            raise ValueError(f"unknown open_clip architecture '{arch}'; register its config with "
+                             "open_clip.add_model_config(path) or pass arch_config={...}")
+    missing = {"embed_dim", "text_cfg"} - set(config)
+    if missing:
+        raise ValueError(f"open_clip config for '{arch}' lacks {sorted(missing)}")
+    if config.get("custom_text") or "hf_model_name" in config["text_cfg"] or "multimodal_cfg" in config:
+        raise ValueError(f"open_clip architecture '{arch}' has a custom text tower; SD2 needs a plain CLIP text "
+                         "transformer")
+    return config
+
+
+def build_open_clip_text(arch: str, arch_config: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """An open_clip ``CLIP`` model with random weights and without its image tower (nothing downloaded)."""
+    import open_clip
+
+    config = open_clip_config(arch, arch_config)
+    config["vision_cfg"] = dict(_DISCARDED_VISION_CFG)  # deleted below; keeps construction cheap
+    config.pop("custom_text", None)
+    model = open_clip.CLIP(**config)
+    del model.visual
+    return model
+
+
+class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
+    """SD2 text encoder: OpenCLIP text transformer (``model.*``), output of the last or penultimate block.
+
+    ``version`` names the original pretrained tag; it is never downloaded (weights come from the SD
+    checkpoint). ``arch_config`` builds an unregistered open_clip config (embed_dim, vision_cfg, text_cfg).
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, arch: str = "ViT-H-14", version: Optional[str] = "laion2b_s32b_b79k", device: str = "cpu",
+                 max_length: int = 77, freeze: bool = True, layer: str = "last",
+                 arch_config: Optional[Mapping[str, Any]] = None):
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        self.model = build_open_clip_text(arch, arch_config)
+        if version:
+            logger.debug("FrozenOpenCLIPEmbedder: version %r names the original pretrained weights; not downloaded, "
+                         "the weights come from the checkpoint", version)
+        logger.debug("FrozenOpenCLIPEmbedder: device argument %r ignored; the parameters' device is used", device)
+        if max_length != self.model.context_length:
+            logger.warning("max_length %d differs from the model's context length %d; using %d",
+                           max_length, self.model.context_length, self.model.context_length)
+        self.max_length = self.model.context_length
+        self.layer = layer
+        self.layer_idx = 0 if layer == "last" else 1
+        if freeze:
+            self.freeze()
+
+    def tokenize(self, text: Prompts) -> torch.Tensor:
+        """Token ids [B, 77] int64 from open_clip (0-padded) on CPU."""
+        return open_clip_tokenize(text, self.max_length)
+
+    def dropped_words(self, text: str) -> str:
+        """The end of ``text`` that truncation to the context length removes ('' when it fits)."""
+        return truncated_text(text, self.max_length, open_clip_bpe_ids)
+
+    def forward(self, text: Prompts) -> torch.Tensor:
+        """Text features [B, 77, width] after ``ln_final``."""
+        return self.encode_with_transformer(self.tokenize(text).to(self.device))
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L] -> features [B, L, width] (embeddings, blocks up to ``layer``, ln_final)."""
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
+        length = tokens.shape[1]
+        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = self.text_transformer_forward(x, attn_mask=mask)
+        return self.model.ln_final(x)
+
+    def text_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Residual blocks on batch-first ``x`` [B, L, width], skipping the last ``layer_idx`` blocks."""
+        transformer = self.model.transformer
+        seq_first = not getattr(transformer, "batch_first", False)
+        if seq_first:  # open_clip 2.x blocks take [L, B, width]
+            x = x.transpose(0, 1)
+        blocks = transformer.resblocks
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=attn_mask)
+        return x.transpose(0, 1) if seq_first else x
