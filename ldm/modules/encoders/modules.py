@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ldm.modules.encoders.clip_text import CLIPTextModel, load_text_config
-from ldm.modules.encoders.tokenizer import (Prompts, hf_bpe_ids, open_clip_bpe_ids, open_clip_tokenize,
-                                            sd1_tokenize, truncated_text)
+from ldm.modules.encoders.tokenizer import Prompts, open_clip_tokenize, sd1_tokenize, truncated_text
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
 
     def dropped_words(self, text: str) -> str:
         """The end of ``text`` that truncation to ``max_length`` tokens removes ('' when it fits)."""
-        return truncated_text(text, self.max_length, hf_bpe_ids)
+        return truncated_text(text, self.max_length, "hf")
 
     def forward(self, text: Prompts) -> torch.Tensor:
         """Hidden states [B, max_length, hidden] (or [B, 1, hidden] for layer 'pooled')."""
@@ -165,7 +164,7 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
 
     def dropped_words(self, text: str) -> str:
         """The end of ``text`` that truncation to the context length removes ('' when it fits)."""
-        return truncated_text(text, self.max_length, open_clip_bpe_ids)
+        return truncated_text(text, self.max_length, "open_clip")
 
     def forward(self, text: Prompts) -> torch.Tensor:
         """Text features [B, 77, width] after ``ln_final``."""

@@ -7,7 +7,7 @@ unescaping) and pads with the end-of-text token; ``sd1_tokenize`` reproduces tha
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -40,19 +40,33 @@ _HF_SPECIAL = {"<|startoftext|>": SOT_TOKEN, "<|endoftext|>": EOT_TOKEN}
 _HF_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def hf_bpe_ids(text: str) -> list[int]:
-    """BPE ids of ``text`` as transformers' CLIPTokenizer produces them (without SOT/EOT)."""
+def word_pieces(text: str, flavor: str = "hf") -> tuple[str, list[tuple[int, list[int]]]]:
+    """(cleaned text, [(start of each pre-token, its BPE ids)]) under the ``hf`` (SD1) or ``open_clip`` (SD2) rules."""
     import regex
 
     bpe = _bpe()
-    ids: list[int] = []
-    for token in regex.findall(_HF_PATTERN, _hf_clean(text), regex.IGNORECASE):
-        if token in _HF_SPECIAL:
-            ids.append(_HF_SPECIAL[token])
+    if flavor == "hf":
+        cleaned = _hf_clean(text)
+        matches = regex.finditer(_HF_PATTERN, cleaned, regex.IGNORECASE)
+    elif flavor == "open_clip":
+        cleaned = bpe.clean_fn(text)
+        matches = bpe.pat.finditer(cleaned)
+    else:
+        raise ValueError(f"unknown tokenizer flavor '{flavor}' (use 'hf' or 'open_clip')")
+    pieces = []
+    for match in matches:
+        token = match.group()
+        if flavor == "hf" and token in _HF_SPECIAL:
+            pieces.append((match.start(), [_HF_SPECIAL[token]]))
             continue
         token = "".join(bpe.byte_encoder[b] for b in token.encode("utf-8"))
-        ids.extend(bpe.encoder[piece] for piece in bpe.bpe(token).split(" "))
-    return ids
+        pieces.append((match.start(), [bpe.encoder[piece] for piece in bpe.bpe(token).split(" ")]))
+    return cleaned, pieces
+
+
+def hf_bpe_ids(text: str) -> list[int]:
+    """BPE ids of ``text`` as transformers' CLIPTokenizer produces them (without SOT/EOT)."""
+    return [i for _, ids in word_pieces(text, "hf")[1] for i in ids]
 
 
 def open_clip_bpe_ids(text: str) -> list[int]:
@@ -77,10 +91,15 @@ def open_clip_tokenize(text: Prompts, context_length: int = 77) -> torch.Tensor:
     return open_clip.tokenize(as_list(text), context_length=context_length)
 
 
-def truncated_text(text: str, max_length: int, bpe_ids: Callable[[str], list[int]]) -> str:
-    """The part of ``text`` that does not fit into ``max_length`` tokens (SOT and EOT included); '' if none."""
-    ids = bpe_ids(text)
-    keep = max(max_length - 2, 0)
-    if len(ids) <= keep:
-        return ""
-    return _bpe().decode(ids[keep:]).strip()
+def truncated_text(text: str, max_length: int, flavor: str = "hf") -> str:
+    """The (cleaned) end of ``text`` that does not fit into ``max_length`` tokens with SOT and EOT; '' if none.
+
+    A word cut in the middle counts as dropped.
+    """
+    cleaned, pieces = word_pieces(text, flavor)
+    room = max(max_length - 2, 0)
+    for start, ids in pieces:
+        room -= len(ids)
+        if room < 0:  # back up to the start of the space-separated word
+            return cleaned[cleaned.rfind(" ", 0, start) + 1:].strip()
+    return ""
