@@ -257,17 +257,8 @@ class UNetModel(nn.Module):
             context_dim = list(context_dim)  # OmegaConf ListConfig -> list
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        if isinstance(num_res_blocks, int):
-            num_res_blocks = [num_res_blocks] * len(channel_mult)
-        elif len(num_res_blocks) != len(channel_mult):
-            raise ValueError("num_res_blocks must be an int or have one entry per channel_mult level")
-        self.num_res_blocks = list(num_res_blocks)
-        if disable_self_attentions is not None and len(disable_self_attentions) != len(channel_mult):
-            raise ValueError("disable_self_attentions must have one entry per channel_mult level")
-        if num_attention_blocks is not None and (
-                len(num_attention_blocks) != len(self.num_res_blocks)
-                or any(n > r for n, r in zip(num_attention_blocks, self.num_res_blocks))):
-            raise ValueError("num_attention_blocks needs one entry per level, each <= num_res_blocks there")
+        self.num_res_blocks = self._per_level_blocks(channel_mult, num_res_blocks, disable_self_attentions,
+                                                     num_attention_blocks)
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels = model_channels
         self.attention_resolutions = attention_resolutions
@@ -306,6 +297,22 @@ class UNetModel(nn.Module):
             raise ValueError("context_dim is only used with use_spatial_transformer=True; set it or drop context_dim")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels")
+
+    @staticmethod
+    def _per_level_blocks(channel_mult: Sequence[int], num_res_blocks: int | Sequence[int],
+                          disable_self_attentions: Sequence[bool] | None,
+                          num_attention_blocks: Sequence[int] | None) -> list[int]:
+        """ResBlocks per level (an int applies to every level); checks the other per-level lists."""
+        levels = len(channel_mult)
+        blocks = [num_res_blocks] * levels if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        if len(blocks) != levels:
+            raise ValueError("num_res_blocks must be an int or have one entry per channel_mult level")
+        if disable_self_attentions is not None and len(disable_self_attentions) != levels:
+            raise ValueError("disable_self_attentions must have one entry per channel_mult level")
+        if num_attention_blocks is not None and (
+                len(num_attention_blocks) != levels or any(n > r for n, r in zip(num_attention_blocks, blocks))):
+            raise ValueError("num_attention_blocks needs one entry per level, each <= num_res_blocks there")
+        return blocks
 
     @staticmethod
     def _label_embedding(num_classes: int | str, dim: int, adm_in_channels: int | None) -> nn.Module:
