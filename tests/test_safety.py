@@ -101,7 +101,8 @@ def test_load_from_folder_with_and_without_position_ids(reference, reference_dir
 
 
 def test_full_size_layout_on_meta(reference_dir):
-    want = {k: v[:2] for k, v in json.loads((reference_dir / "layouts" / "safety_checker_keys.json").read_text()).items()}
+    layout = json.loads((reference_dir / "layouts" / "safety_checker_keys.json").read_text())
+    want = {k: v[:2] for k, v in layout.items()}
     vit_l14 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                num_attention_heads=16, image_size=224, patch_size=14)
     with torch.device("meta"):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoint import load_state_dict_file
 from ldm.modules.encoders.clip_text import merged_sub_config
 from ldm.modules.encoders.clip_vision import CLIPVisionConfig, CLIPVisionModel
 
@@ -85,7 +86,7 @@ def _center_crop(image, crop: tuple[int, int]):
 
 
 def clip_preprocess(images: Sequence, config: PreprocessConfig) -> torch.Tensor:
-    """PIL RGB images -> CLIP pixel values [B, 3, crop_h, crop_w] float32 (CLIPFeatureExtractor of transformers 4.19)."""
+    """PIL images -> CLIP pixel values [B, 3, crop_h, crop_w] float32, as transformers 4.19's CLIPFeatureExtractor."""
     arrays = []
     for image in images:
         image = image.convert("RGB")
@@ -149,12 +150,12 @@ class SafetyChecker(nn.Module):
     @classmethod
     def from_files(cls, config_json: PathLike, weights_file: PathLike,
                    preprocessor_config_json: Optional[PathLike] = None) -> "SafetyChecker":
-        """Build from ``config.json`` and load ``weights_file`` (.safetensors, or .bin/.pt) strictly; eval mode."""
+        """Build from ``config.json``; load ``weights_file`` (.safetensors, or .bin/.pt read weights-only) strictly."""
         config = json.loads(Path(config_json).read_text(encoding="utf-8"))
         preprocess = (json.loads(Path(preprocessor_config_json).read_text(encoding="utf-8"))
                       if preprocessor_config_json is not None else None)
         checker = cls.from_config(config, preprocess)
-        checker.load_state_dict(_read_weights(Path(weights_file)), strict=True)
+        checker.load_state_dict(load_state_dict_file(weights_file), strict=True)
         return checker.eval().requires_grad_(False)
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
@@ -192,18 +193,6 @@ class SafetyChecker(nn.Module):
     def check(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """Preprocess and check float images [B, H, W, 3] in [0, 1]: (checked images, flags)."""
         return self(images, self.preprocess(images))
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """State dict from a .safetensors file, or a torch file read with ``weights_only=True``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"safety checker weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def find_weights(folder: PathLike) -> Optional[Path]:

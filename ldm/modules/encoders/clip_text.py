@@ -44,7 +44,7 @@ VIT_L14_TEXT = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidde
 
 
 def merged_sub_config(config: Mapping[str, Any], part: str) -> dict:
-    """The ``text``/``vision`` part of an HF ``CLIPConfig`` dict; ``<part>_config_dict`` wins, as in transformers 4.19."""
+    """The ``text``/``vision`` part of an HF ``CLIPConfig`` dict; ``<part>_config_dict`` wins (transformers 4.19)."""
     sub = dict(config.get(f"{part}_config") or {})
     sub.update(config.get(f"{part}_config_dict") or {})
     return sub
@@ -89,7 +89,10 @@ def fill_position_ids(module: nn.Module, state_dict: dict, prefix: str, *args: A
     if given is None:
         state_dict[key] = expected
         return
-    if given.shape != expected.shape or not torch.equal(given.detach().to("cpu", torch.float64).round().long(), expected):
+    if given.is_meta:
+        return
+    values = given.detach().to("cpu", torch.float64)
+    if given.shape != expected.shape or not torch.equal(values, expected.double()):
         logger.warning("checkpoint key '%s' does not hold 0..%d; using the correct positions instead",
                        key, expected.shape[-1] - 1)
         state_dict[key] = expected
