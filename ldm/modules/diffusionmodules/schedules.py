@@ -74,3 +74,65 @@ def make_ddim_sampling_parameters(alphacums: np.ndarray, ddim_timesteps: np.ndar
         logger.info("Selected alphas for ddim sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
         logger.info("For the chosen value of eta, which is %s, this results in sigma_t schedule %s", eta, sigmas)
     return sigmas, alphas, alphas_prev
+
+
+# The DDPM buffers, under the names a checkpoint stores them (float32 there; computed here in float64).
+DDPM_BUFFER_NAMES = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+
+def ddpm_schedule(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
+    """The 12 DDPM schedule arrays of ``betas`` [T] (float64, keyed by :data:`DDPM_BUFFER_NAMES`).
+
+    ``posterior_variance = (1 - v) * beta_tilde + v * beta`` interpolates between the true posterior variance
+    (v = 0) and beta; its log is clipped at 1e-20 because it is 0 at t = 0.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or len(betas) < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not ((betas > 0) & (betas <= 1)).all():
+        raise ValueError("betas must lie in (0, 1]")
+    alphas = 1.0 - betas
+    acp = np.cumprod(alphas, axis=0)
+    acp_prev = np.append(1.0, acp[:-1])
+    posterior_variance = (1 - v_posterior) * betas * (1.0 - acp_prev) / (1.0 - acp) + v_posterior * betas
+    return {
+        "betas": betas,
+        "alphas_cumprod": acp,
+        "alphas_cumprod_prev": acp_prev,
+        "sqrt_alphas_cumprod": np.sqrt(acp),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - acp),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - acp),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / acp),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / acp - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(acp_prev) / (1.0 - acp),
+        "posterior_mean_coef2": (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
+    }
+
+
+def lvlb_weights(schedule: dict[str, np.ndarray], parameterization: str) -> torch.Tensor:
+    """Per-timestep weights [T] (float32) of the simple loss in the variational bound, as the original.
+
+    eps: ``beta^2 / (2 sigma_post^2 alpha (1 - alpha_bar))``; x0: ``0.5 sqrt(alpha_bar) / (2 - alpha_bar)``
+    (the original's formula, kept as is); v: ones. Computed in float32 from the float32 buffers like the
+    original; entry 0 (infinite or undefined where the posterior variance is 0) is set to entry 1.
+    """
+    f32 = {k: torch.tensor(v, dtype=torch.float32) for k, v in schedule.items()}
+    acp = f32["alphas_cumprod"]
+    if parameterization == "eps":
+        alphas = torch.tensor(1.0 - schedule["betas"], dtype=torch.float32)
+        weights = f32["betas"] ** 2 / (2 * f32["posterior_variance"] * alphas * (1 - acp))
+    elif parameterization == "x0":
+        weights = 0.5 * torch.sqrt(acp) / (2.0 * 1 - acp)
+    elif parameterization == "v":
+        weights = torch.ones_like(acp)
+    else:
+        raise ValueError(f"unknown parameterization '{parameterization}'; choose eps, x0 or v")
+    if len(weights) > 1:
+        weights[0] = weights[1]
+    return weights
