@@ -1,0 +1,1 @@
+"""Training data: image folders with captions, webdataset tar shards, transforms and the data module."""

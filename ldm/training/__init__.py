@@ -1,0 +1,1 @@
+"""Training in plain PyTorch (+ torch.distributed): config, trainer loop, checkpoints, metrics, tasks."""

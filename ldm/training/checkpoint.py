@@ -1,0 +1,197 @@
+"""Training checkpoints: atomic writes, plain-data contents (``weights_only`` loadable), RNG states, EMA export."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+LAST = "last.ckpt"
+_STEP_RE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def step_name(step: int) -> str:
+    """File name of the checkpoint written at ``step``."""
+    return f"step-{step:08d}.ckpt"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flush + fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous ``path`` or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (hard link, else copy), replacing ``dst`` atomically."""
+    tmp = _tmp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary files left by a process killed while writing a checkpoint."""
+    for p in folder.glob(".*.tmp-*"):
+        logger.info("removing the unfinished checkpoint write %s", p.name)
+        p.unlink(missing_ok=True)
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """Step-numbered checkpoints in ``folder``, oldest first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*.ckpt") if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: Path, keep: int | None) -> None:
+    """Keep only the newest ``keep`` step-numbered checkpoints (all when ``keep`` is None)."""
+    if keep is None or keep <= 0:
+        return
+    for p in step_checkpoints(folder)[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+def write_checkpoint(obj: Mapping[str, Any], folder: Path, step: int, numbered: bool,
+                     keep: int | None = None) -> Path:
+    """Write ``obj`` as ``last.ckpt`` (and ``step-N.ckpt`` when ``numbered``), atomically; returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    last = folder / LAST
+    if numbered:
+        target = folder / step_name(step)
+        atomic_save(obj, target)
+        atomic_link(target, last)
+        prune(folder, keep)
+        return target
+    atomic_save(obj, last)
+    return last
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a full training checkpoint safely (``weights_only=True``) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found; pass --resume LOGDIR or --resume path/to/last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
+        raise RuntimeError(f"cannot read checkpoint '{path}': {e}. The file may be truncated or not a training "
+                           f"checkpoint; resume from another one (checkpoints/step-*.ckpt).") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RuntimeError(f"'{path}' is not a training checkpoint (no 'state_dict' entry)")
+    return ckpt
+
+
+Generator = torch.Generator | np.random.RandomState
+
+
+def _numpy_plain(st: tuple) -> dict[str, Any]:
+    return {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]), "has_gauss": int(st[3]),
+            "cached_gaussian": float(st[4])}
+
+
+def _numpy_tuple(st: Mapping[str, Any]) -> tuple:
+    return ("MT19937", st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"])
+
+
+def _generator_state(g: Generator) -> Any:
+    return _numpy_plain(g.get_state()) if isinstance(g, np.random.RandomState) else g.get_state()
+
+
+def _set_generator_state(g: Generator, state: Any) -> None:
+    g.set_state(_numpy_tuple(state) if isinstance(g, np.random.RandomState) else state)
+
+
+def rng_state(extra: Mapping[str, Generator] | None = None) -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, python, named generators) as plain tensors and lists."""
+    py = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_plain(np.random.get_state()),
+        "python": [py[0], list(py[1]), py[2]],
+        "generators": {k: _generator_state(g) for k, g in (extra or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], extra: Mapping[str, Generator] | None = None) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_tuple(state["numpy"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for name, g in (extra or {}).items():
+        if name in state.get("generators", {}):
+            _set_generator_state(g, state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def inference_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flat state_dict for inference: EMA weights under ``model.*`` (when present), no ``model_ema.*``/``loss.*``."""
+    from ldm.checkpoint import EMA_PREFIX, apply_ema, has_ema
+
+    out = apply_ema(dict(sd)) if has_ema(sd) else {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    return {k: v for k, v in out.items() if not k.startswith("loss.")}
+
+
+def export_ema(ckpt_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], out: str | os.PathLike) -> Path:
+    """Write the EMA-only inference weights of a training checkpoint as ``.safetensors`` (atomically)."""
+    from ldm.checkpoint import save_safetensors
+
+    sd = ckpt_or_sd if isinstance(ckpt_or_sd, Mapping) else read_training_checkpoint(ckpt_or_sd)["state_dict"]
+    flat = inference_state_dict(sd)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(flat, out, metadata={"format": "pt", "source": "ldm training (EMA weights)"})
+    logger.info("wrote %d tensors of inference weights to %s", len(flat), out)
+    return out
