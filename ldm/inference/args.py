@@ -1,0 +1,289 @@
+"""Command-line flags of scripts/txt2img.py and scripts/img2img.py (SD 1 and SD 2 spellings) and their validation."""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ldm.inference.errors import UsageError
+
+# Sampler names accepted by --sampler, their aliases, and the names the common web UIs write into metadata.
+SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM++ 2M"}
+SAMPLER_ALIASES = {"dpm_solver": "dpm", "dpmsolver": "dpm", "dpm-solver": "dpm", "dpm++2m": "dpm"}
+PRECISIONS = ("full", "autocast")
+MODES = ("txt2img", "img2img")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated generation settings; ``None`` sizes/channels/factors mean "take them from the model"."""
+
+    mode: str
+    prompt: Optional[str]
+    from_file: Optional[Path]
+    negative_prompt: str
+    outdir: Path
+    steps: int
+    sampler: str
+    eta: float
+    n_iter: int
+    n_samples: int
+    n_rows: int
+    height: Optional[int]
+    width: Optional[int]
+    latent_channels: Optional[int]
+    factor: Optional[int]
+    scale: float
+    fixed_code: bool
+    config: Optional[Path]
+    ckpt: Optional[Path]
+    vae: Optional[Path]
+    use_ema: Optional[bool]
+    seed: int
+    precision: str
+    bf16: bool
+    device: str
+    skip_grid: bool
+    skip_save: bool
+    repeat: int
+    watermark: bool
+    watermark_text: Optional[str]
+    safety_check: bool
+    safety_checker: Optional[Path]
+    init_img: Optional[Path] = None
+    strength: float = 0.75
+
+    @property
+    def sampler_label(self) -> str:
+        """The sampler's name as the common web UIs write it (``DDIM``, ``PLMS``, ``DPM++ 2M``)."""
+        return SAMPLER_LABELS[self.sampler]
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors become UsageError (one message, exit status 2, handled by the scripts)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint (.safetensors or .ckpt); default: the embedded default model")
+    g.add_argument("--config", type=Path, default=None,
+                   help="model config yaml; default: <ckpt>.yaml beside the checkpoint, else inferred from its keys")
+    g.add_argument("--vae", type=Path, default=None, help="external autoencoder (VAE) weights to use instead")
+    ema = g.add_mutually_exclusive_group()
+    ema.add_argument("--use_ema", "--ema", dest="use_ema", action="store_const", const=True, default=None,
+                     help="full checkpoints: use the EMA UNet weights (the default when present)")
+    ema.add_argument("--no_ema", "--raw_weights", dest="use_ema", action="store_const", const=False,
+                     help="full checkpoints: use the raw (non-EMA) UNet weights")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    g.add_argument("--precision", choices=PRECISIONS, default="autocast",
+                   help="autocast: half precision on GPUs (float32 on CPU unless --bf16); full: float32")
+    g.add_argument("--bf16", action="store_true", help="use bfloat16 instead of float16 under autocast")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--ddim_steps", "--steps", dest="steps", type=int, default=50, help="number of sampling steps")
+    g.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLER_LABELS)} (default ddim)")
+    g.add_argument("--plms", action="store_true", help="use the PLMS sampler (same as --sampler plms)")
+    g.add_argument("--dpm_solver", "--dpm", dest="dpm", action="store_true",
+                   help="use DPM-Solver++ (2M) (same as --sampler dpm)")
+    g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+    g.add_argument("--scale", type=float, default=7.5 if mode == "txt2img" else 5.0,
+                   help="classifier-free guidance scale (1: no guidance)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
+    g.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
+    g.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's size)")
+    g.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's size)")
+    g.add_argument("--C", type=int, default=None, help="latent channels (default and only valid value: the model's)")
+    g.add_argument("--f", type=int, default=None, help="downsampling factor (default and only valid value: the "
+                                                         "model's)")
+    if mode == "img2img":
+        g.add_argument("--init-img", "--init_img", dest="init_img", type=Path, default=None,
+                       help="the input image (resized to a multiple of the model's factor)")
+        g.add_argument("--strength", type=float, default=0.75,
+                       help="how much to change the input image: 0 keeps it, 1 replaces it")
+
+
+def _prompt_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", default=None, help="the prompt to render")
+    g.add_argument("--negative_prompt", "--negative-prompt", default="",
+                   help="what the image should not show (the unconditional conditioning)")
+    g.add_argument("--from-file", "--from_file", dest="from_file", type=Path, default=None,
+                   help="a text file with one prompt per line")
+    g.add_argument("--repeat", type=int, default=1, help="with --from-file: render each prompt this often")
+    g.add_argument("--n_samples", type=int, default=None, help="images per batch (batch size)")
+    g.add_argument("--n_iter", type=int, default=None, help="how many times to run every batch")
+
+
+def _output_flags(p: argparse.ArgumentParser, mode: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--outdir", type=Path, default=Path("outputs") / f"{mode}-samples", help="where to write")
+    g.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    g.add_argument("--skip_grid", action="store_true", help="do not write the grid of all images")
+    g.add_argument("--skip_save", action="store_true", help="do not write the individual images")
+    g.add_argument("--no_watermark", action="store_true", help="do not embed the invisible watermark")
+    g.add_argument("--watermark_text", default=None,
+                   help="watermark payload (default as the originals: StableDiffusionV1 or SDV2)")
+    g.add_argument("--no_safety_check", action="store_true", help="switch the NSFW safety checker off")
+    g.add_argument("--safety_checker", type=Path, default=None,
+                   help="folder with the safety checker (config.json, model.safetensors, preprocessor_config.json)")
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    """The parser of ``scripts/<mode>.py`` (``txt2img`` or ``img2img``) with both SD generations' spellings."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
+    what = "images from text" if mode == "txt2img" else "a new image from an input image and text"
+    p = _Parser(prog=f"{mode}.py", description=f"Generate {what} with a Stable Diffusion style model.")
+    _prompt_flags(p)
+    _sampling_flags(p, mode)
+    _model_flags(p)
+    _output_flags(p, mode)
+    return p
+
+
+def resolve_sampler(sampler: Optional[str], plms: bool, dpm: bool) -> str:
+    """One sampler name from --sampler / --plms / --dpm, which must not contradict each other."""
+    chosen = {name for name, flag in (("plms", plms), ("dpm", dpm)) if flag}
+    if sampler is not None:
+        key = sampler.strip().lower()
+        key = SAMPLER_ALIASES.get(key, key)
+        if key not in SAMPLER_LABELS:
+            raise UsageError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLER_LABELS)}")
+        chosen.add(key)
+    if len(chosen) > 1:
+        raise UsageError(f"conflicting sampler flags ({', '.join(sorted(chosen))}): choose one sampler")
+    return chosen.pop() if chosen else "ddim"
+
+
+def resolve_device(requested: Optional[str]) -> str:
+    """The torch device to run on: ``requested`` if usable, else cuda when present, else cpu."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"invalid --device '{requested}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested} asked for, but no CUDA GPU is available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {requested} asked for, but MPS is not available: use --device cpu")
+    return str(device)
+
+
+def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
+    if path is None:
+        return None
+    path = path.expanduser()
+    if not path.exists():
+        raise UsageError(f"{flag}: {what} '{path}' does not exist; check the path")
+    if not path.is_file():
+        raise UsageError(f"{flag}: '{path}' is a folder, not a {what} file")
+    return path
+
+
+def _check_ranges(ns: argparse.Namespace) -> None:
+    for flag, value, low in (("--ddim_steps/--steps", ns.steps, 1), ("--n_samples", ns.n_samples, 1),
+                             ("--n_iter", ns.n_iter, 1), ("--repeat", ns.repeat, 1), ("--n_rows", ns.n_rows, 0),
+                             ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--scale", ns.scale), ("--ddim_eta", ns.ddim_eta), ("--strength", ns.strength)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+    if not 0 <= ns.seed < 2 ** 63:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {ns.seed}")
+    if ns.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta must be >= 0, got {ns.ddim_eta}")
+    if not 0.0 <= ns.strength <= 1.0:
+        raise UsageError(f"--strength must be between 0 and 1 (0 keeps the input image, 1 replaces it), "
+                         f"got {ns.strength}")
+
+
+def _check_sampler(ns: argparse.Namespace, sampler: str) -> None:
+    if ns.ddim_eta != 0 and sampler != "ddim":
+        raise UsageError(f"--ddim_eta {ns.ddim_eta} only applies to the DDIM sampler; drop it or use --sampler ddim")
+    if ns.mode == "img2img" and sampler != "ddim":
+        raise UsageError("img2img supports only the DDIM sampler (as the original script): drop --plms/--dpm/"
+                         "--sampler")
+
+
+def _check_prompt_source(ns: argparse.Namespace) -> None:
+    if ns.prompt is not None and ns.from_file is not None:
+        raise UsageError("give either --prompt or --from-file, not both")
+    if ns.prompt is not None and not ns.prompt.strip():
+        raise UsageError("--prompt is empty: write what the image should show")
+    if ns.repeat != 1 and ns.from_file is None:
+        raise UsageError("--repeat applies to --from-file prompts; use --n_samples/--n_iter for more images of "
+                         "one prompt")
+    if ns.mode == "img2img" and ns.init_img is None:
+        raise UsageError("img2img needs an input image: pass --init-img PATH")
+
+
+def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
+    """Parse and validate the flags of ``scripts/<mode>.py``; raises UsageError naming the problem and the fix."""
+    ns = build_parser(mode).parse_args(argv)
+    ns.mode = mode
+    if mode == "txt2img":
+        ns.init_img, ns.strength = None, 0.75
+    ns.n_samples = ns.n_samples if ns.n_samples is not None else (3 if mode == "txt2img" else 2)
+    ns.n_iter = ns.n_iter if ns.n_iter is not None else (2 if mode == "txt2img" else 1)
+    _check_ranges(ns)
+    sampler = resolve_sampler(ns.sampler, ns.plms, ns.dpm)
+    _check_sampler(ns, sampler)
+    _check_prompt_source(ns)
+    if ns.config is not None and ns.ckpt is None:
+        raise UsageError(f"--config {ns.config} given without --ckpt: pass the weights that go with it "
+                         f"(--ckpt PATH), or drop --config to use the default model")
+    if ns.outdir.exists() and not ns.outdir.is_dir():
+        raise UsageError(f"--outdir '{ns.outdir}' exists and is not a folder: choose another --outdir")
+    return Options(
+        mode=mode, prompt=ns.prompt, from_file=_check_file(ns.from_file, "--from-file", "prompt file"),
+        negative_prompt=ns.negative_prompt, outdir=ns.outdir.expanduser(), steps=ns.steps, sampler=sampler,
+        eta=ns.ddim_eta, n_iter=ns.n_iter, n_samples=ns.n_samples, n_rows=ns.n_rows or ns.n_samples,
+        height=ns.H, width=ns.W, latent_channels=ns.C, factor=ns.f, scale=ns.scale, fixed_code=ns.fixed_code,
+        config=_check_file(ns.config, "--config", "config"), ckpt=_check_file(ns.ckpt, "--ckpt", "checkpoint"),
+        vae=_check_file(ns.vae, "--vae", "VAE"), use_ema=ns.use_ema, seed=ns.seed, precision=ns.precision,
+        bf16=ns.bf16, device=resolve_device(ns.device), skip_grid=ns.skip_grid, skip_save=ns.skip_save,
+        repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
+        safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
+        init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength)
+
+
+def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:
+    path = ns.safety_checker
+    if path is None:
+        return None
+    if ns.no_safety_check:
+        raise UsageError("--safety_checker and --no_safety_check contradict each other: keep one")
+    path = path.expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--safety_checker: folder '{path}' does not exist; point it to the folder with "
+                         f"config.json, model.safetensors and preprocessor_config.json")
+    return path
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-blank lines of a prompt file (stripped); raises UsageError for unreadable or empty files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--from-file: '{path}' is not UTF-8 text; save it as plain UTF-8 text, one prompt "
+                         f"per line") from None
+    except OSError as e:
+        raise UsageError(f"--from-file: cannot read '{path}': {e.strerror or e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--from-file: '{path}' contains no prompts; write one prompt per line")
+    return prompts

@@ -1,0 +1,269 @@
+"""Generation maths for the scripts: batches and per-image seeds, conditioning, sampling, decoding to images.
+
+Every image ``k`` has its own seed and ``torch.Generator`` (on the CPU, so the noise is the same on every device):
+its first draw is the starting noise (txt2img ``x_T``, img2img's forward noise), its second the autoencoder
+posterior sample (img2img), later draws the DDIM ``eta`` noise. An image therefore depends on its own seed only
+and can be made again alone with ``--seed <its seed> --n_samples 1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Optional[Callable[[int], Any]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sampling batch: a prompt and a seed per image."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+def plan_jobs(prompts: Sequence[str], n_samples: int, n_iter: int, seed: int, repeat: int = 1,
+              fixed_code: bool = False, batch_of_copies: bool = True) -> list[Job]:
+    """Batches of the run: each iteration renders every batch; image k of the run gets seed ``seed + k``.
+
+    ``batch_of_copies``: one prompt fills whole batches of ``n_samples`` (``--prompt``); otherwise every prompt
+    (repeated ``repeat`` times) is one image and the list is cut into batches, the last one possibly smaller
+    (``--from-file``). ``fixed_code`` gives position j of every batch the seed ``seed + j`` (same start noise).
+    """
+    if batch_of_copies:
+        chunks = [tuple(prompt for prompt in prompts for _ in range(n_samples))]
+    else:
+        flat = [p for p in prompts for _ in range(repeat)]
+        chunks = [tuple(flat[i:i + n_samples]) for i in range(0, len(flat), n_samples)]
+    jobs, k = [], 0
+    for _ in range(n_iter):
+        for chunk in chunks:
+            seeds = tuple(seed + j for j in range(len(chunk))) if fixed_code else tuple(range(seed + k,
+                                                                                            seed + k + len(chunk)))
+            jobs.append(Job(chunk, seeds))
+            k += len(chunk)
+    return jobs
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def draw(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Next standard normal draw of every image's generator: [len(gens), *shape] float32 on ``device``."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings: ``dtype`` None runs in float32."""
+
+    device_type: str
+    dtype: Optional[torch.dtype] = None
+
+    @property
+    def reduced(self) -> bool:
+        """True when computations run in half precision."""
+        return self.dtype is not None
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context in which the model runs (autocast or nothing)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def choose_precision(device: str, precision: str, bf16: bool) -> Precision:
+    """float16 autocast on GPUs for ``autocast``, bfloat16 with ``bf16``; float32 on CPUs unless ``bf16``."""
+    device_type = torch.device(device).type
+    if bf16:
+        return Precision(device_type, torch.bfloat16)
+    if precision == "full":
+        return Precision(device_type)
+    if device_type == "cpu":
+        logger.info("running in float32 on the CPU (pass --bf16 for bfloat16 autocast)")
+        return Precision(device_type)
+    return Precision(device_type, torch.float16)
+
+
+def warn_truncated(model: Any, prompts: Sequence[str], warned: set) -> None:
+    """Warn once per prompt about the words the text encoder drops past its token limit."""
+    encoder = getattr(model, "cond_stage_model", None)
+    dropped_words = getattr(encoder, "dropped_words", None)
+    if dropped_words is None:
+        return
+    for prompt in dict.fromkeys(prompts):
+        if prompt in warned:
+            continue
+        warned.add(prompt)
+        dropped = dropped_words(prompt)
+        if dropped:
+            limit = getattr(encoder, "max_length", 77)
+            logger.warning("prompt longer than the text encoder's %d tokens; these words are ignored: \"%s\"",
+                           limit, dropped)
+
+
+def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
+                 warned: set) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(cond, uncond) [B, 77, width] for a job; uncond (the negative prompt) is None when scale is 1."""
+    warn_truncated(model, list(job.prompts) + ([negative_prompt] if negative_prompt else []), warned)
+    cond = model.get_learned_conditioning(list(job.prompts))
+    uncond = None
+    if scale != 1.0:
+        uncond = model.get_learned_conditioning(len(job.prompts) * [negative_prompt])
+    return cond, uncond
+
+
+def make_sampler(model: Any, name: str) -> Any:
+    """The original sampler class for ``name`` (ddim, plms, dpm) around ``model``."""
+    if name == "plms":
+        from ldm.models.diffusion.plms import PLMSSampler
+        return PLMSSampler(model)
+    if name == "dpm":
+        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+        return DPMSolverSampler(model)
+    from ldm.models.diffusion.ddim import DDIMSampler
+    return DDIMSampler(model)
+
+
+def grid_length(sampler: Any, steps: int, eta: float) -> int:
+    """Number of steps a full run makes (DDIM/PLMS grids can have more than ``steps``, as the original's)."""
+    if hasattr(sampler, "make_schedule"):
+        sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+        return len(sampler.ddim_timesteps)
+    return steps
+
+
+def _per_image(batch: int, gens: Sequence[torch.Generator], eta: float) -> Iterator[tuple[slice, Any]]:
+    """Slices to sample: the whole batch (deterministic), or image by image with its generator (eta > 0)."""
+    if eta == 0:
+        yield slice(0, batch), None
+    else:
+        for i in range(batch):
+            yield slice(i, i + 1), gens[i]
+
+
+def _pick(x: Optional[torch.Tensor], part: slice) -> Optional[torch.Tensor]:
+    return None if x is None else x[part]
+
+
+def sample_txt2img(sampler: Any, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                   steps: int, scale: float, eta: float, gens: Sequence[torch.Generator],
+                   callback: StepCallback = None) -> torch.Tensor:
+    """Latents [B, C, h, w] from the start noise x_T [B, C, h, w] in ``steps`` sampler steps."""
+    outs = []
+    for part, gen in _per_image(x_T.shape[0], gens, eta):
+        x = x_T[part]
+        out, _ = sampler.sample(S=steps, batch_size=x.shape[0], shape=tuple(x.shape[1:]), conditioning=cond[part],
+                                unconditional_guidance_scale=scale, unconditional_conditioning=_pick(uncond, part),
+                                eta=eta, x_T=x, verbose=False, callback=callback, generator=gen)
+        outs.append(out)
+    return torch.cat(outs)
+
+
+def encode_init(model: Any, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [1, C, h, w] of the autoencoder posterior of an image [1, 3, H, W] in [-1, 1]."""
+    posterior = model.encode_first_stage(init)
+    return posterior.mean, posterior.std
+
+
+def sample_img2img(sampler: Any, model: Any, posterior: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor,
+                   uncond: Optional[torch.Tensor], steps: int, strength: float, scale: float, eta: float,
+                   gens: Sequence[torch.Generator], callback: StepCallback = None) -> torch.Tensor:
+    """Latents [B, C, h, w]: the init latents noised to ``t_enc = int(strength * steps)`` and denoised again.
+
+    strength 0 returns the init latents themselves; strength 1 starts from pure noise over the whole grid
+    (what txt2img does for the same seed), where the original indexed past its schedule.
+    """
+    mean, std = posterior
+    batch = cond.shape[0]
+    noise = draw(gens, mean.shape[1:], mean.device)
+    z0 = model.scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
+    t_enc = int(strength * steps)
+    if t_enc == 0:
+        return z0
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+    full = t_enc >= steps
+    t_start = len(sampler.ddim_timesteps) if full else t_enc
+    outs = []
+    for part, gen in _per_image(batch, gens, eta):
+        if full:
+            z_enc = noise[part]
+        else:
+            index = torch.full((z0[part].shape[0],), t_enc, dtype=torch.long, device=z0.device)
+            z_enc = sampler.stochastic_encode(z0[part], index, noise=noise[part])
+        outs.append(sampler.decode(z_enc, cond[part], t_start, unconditional_guidance_scale=scale,
+                                   unconditional_conditioning=_pick(uncond, part), callback=callback,
+                                   generator=gen))
+    return torch.cat(outs)
+
+
+def img2img_steps(sampler: Any, steps: int, strength: float) -> int:
+    """Sampler steps img2img makes for one image at ``strength``."""
+    t_enc = int(strength * steps)
+    if t_enc >= steps:
+        return grid_length(sampler, steps, 0.0)
+    return t_enc
+
+
+def decode(model: Any, latents: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Images [B, 3, H, W] float32 in [0, 1] from latents; a half-precision NaN/inf result is redone in float32."""
+    with precision.scope():
+        x = model.decode_first_stage(latents)
+    if precision.reduced and not torch.isfinite(x).all():
+        logger.warning("decoding in %s gave NaN/inf values; decoding again in float32",
+                       str(precision.dtype).replace("torch.", ""))
+        with torch.autocast(precision.device_type, enabled=False):
+            x = model.decode_first_stage(latents.float())
+    if not torch.isfinite(x).all():
+        logger.warning("the decoded images contain NaN/inf values even in float32; they are shown as black")
+        x = torch.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
+    return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] float in [0, 1] -> numpy [B, H, W, 3] float32."""
+    return images.detach().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """numpy [B, H, W, 3] float in [0, 1] -> PIL RGB images (rounded to 8 bits)."""
+    return [Image.fromarray(image) for image in (np.clip(images, 0, 1) * 255).round().astype(np.uint8)]
+
+
+def load_init_image(path: Any, factor: int, width: Optional[int] = None,
+                    height: Optional[int] = None) -> Image.Image:
+    """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor."""
+    from PIL import UnidentifiedImageError
+
+    from ldm.inference.errors import UsageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"--init-img: cannot read '{path}' as an image ({e}); give a PNG or JPEG file") from None
+    w, h = image.size
+    target = (width or w - w % factor, height or h - h % factor)
+    if min(target) < factor:
+        raise UsageError(f"--init-img '{path}' is {w}x{h} pixels; it needs at least {factor} pixels per side "
+                         f"(or pass --W/--H to resize it)")
+    if target != (w, h):
+        logger.info("init image %dx%d resized to %dx%d (a multiple of %d)", w, h, *target, factor)
+        image = image.resize(target, resample=Image.LANCZOS)
+    return image
+
+
+def image_tensor(image: Image.Image, device: torch.device | str) -> torch.Tensor:
+    """PIL RGB image -> [1, 3, H, W] float32 in [-1, 1] on ``device``."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device) * 2.0 - 1.0

@@ -1,0 +1,207 @@
+"""A whole txt2img / img2img run: validate everything first, then load, generate, check and save."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+from PIL import Image
+
+from ldm.inference import loading, pipeline
+from ldm.inference.args import Options, read_prompts
+from ldm.inference.errors import UsageError
+from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
+from ldm.inference.outputs import OutputWriter, check_writable
+
+logger = logging.getLogger(__name__)
+
+# progress(total, description) -> context manager whose value has ``update(n)`` (e.g. ``tqdm``).
+ProgressFactory = Callable[[int, str], ContextManager[Any]]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        """Ignore progress."""
+
+
+def no_progress(total: int, desc: str) -> ContextManager[Any]:
+    """Progress factory that shows nothing."""
+    return contextlib.nullcontext(_NoBar())
+
+
+@dataclass
+class Plan:
+    """Everything checked before anything heavy is loaded or any file written."""
+
+    opts: Options
+    source: loading.ModelSource
+    config: Any
+    geometry: loading.ModelGeometry
+    width: int
+    height: int
+    prompts: list[str]
+    init_image: Optional[Image.Image] = None
+
+
+@dataclass
+class RunResult:
+    """What a run wrote, and how long the images took."""
+
+    samples: list[Path] = field(default_factory=list)
+    grid: Optional[Path] = None
+    n_images: int = 0
+    seconds: float = 0.0
+    flagged: int = 0
+
+    def summary(self, outdir: Path) -> str:
+        """One line: where the files went and the time per image."""
+        where = f"{len(self.samples)} images in {outdir / 'samples'}" if self.samples else "no individual images"
+        grid = f", grid {self.grid}" if self.grid else ""
+        per = self.seconds / max(self.n_images, 1)
+        return f"Done: {where}{grid}; {self.n_images} images, {per:.2f} s per image"
+
+
+def _valid_side(flag: str, value: int, factor: int) -> int:
+    if value % factor:
+        low = value - value % factor
+        options = " or ".join(str(v) for v in (low, low + factor) if v >= factor)
+        raise UsageError(f"{flag} {value} is not a multiple of {factor} (the model's downsampling factor): "
+                         f"use {options}")
+    return value
+
+
+def check_geometry(opts: Options, geometry: loading.ModelGeometry) -> None:
+    """--C/--f must match the model (they are derived from it); steps must fit its schedule."""
+    if opts.factor is not None and opts.factor != geometry.factor:
+        raise UsageError(f"--f {opts.factor} does not match the model, whose autoencoder downsamples by "
+                         f"{geometry.factor}: drop --f")
+    if opts.latent_channels is not None and opts.latent_channels != geometry.channels:
+        raise UsageError(f"--C {opts.latent_channels} does not match the model's {geometry.channels} latent "
+                         f"channels: drop --C")
+    if opts.steps > geometry.timesteps:
+        raise UsageError(f"--ddim_steps {opts.steps} exceeds the model's {geometry.timesteps} diffusion timesteps")
+
+
+def _prompts(opts: Options, source: loading.ModelSource) -> list[str]:
+    if opts.from_file is not None:
+        return read_prompts(opts.from_file)
+    if opts.prompt is not None:
+        return [opts.prompt]
+    return [loading.DEFAULT_MODEL_PROMPT if source.is_default else loading.ORIGINAL_DEFAULT_PROMPT]
+
+
+def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
+    """Validate the whole run (files, config, sizes, prompts, init image, output folder); loads no weights."""
+    check_writable(opts.outdir)
+    source = loading.resolve_source(opts.ckpt, opts.config, default_dir)
+    config = loading.read_config(source.config_path)
+    geometry = loading.model_geometry(config, source.config_path)
+    check_geometry(opts, geometry)
+    f = geometry.factor
+    width = _valid_side("--W", opts.width, f) if opts.width is not None else None
+    height = _valid_side("--H", opts.height, f) if opts.height is not None else None
+    prompts = _prompts(opts, source)
+    init_image = None
+    if opts.mode == "img2img":
+        init_image = pipeline.load_init_image(opts.init_img, f, width, height)
+        width, height = init_image.size
+    width = width or geometry.native_pixels
+    height = height or geometry.native_pixels
+    return Plan(opts, source, config, geometry, width, height, prompts, init_image)
+
+
+def _parameters(p: Plan, prompt: str, seed: int, model_hash: str) -> str:
+    o = p.opts
+    return format_parameters(ImageParameters(
+        prompt=prompt, negative_prompt=o.negative_prompt, steps=o.steps, sampler=o.sampler_label,
+        cfg_scale=o.scale, seed=seed, width=p.width, height=p.height, model=p.source.name, model_hash=model_hash,
+        denoising_strength=o.strength if o.mode == "img2img" else None, eta=o.eta,
+        vae=o.vae.stem if o.vae is not None else None))
+
+
+class _Generation:
+    """The loaded pieces of a run and the per-batch work."""
+
+    def __init__(self, p: Plan):
+        o = p.opts
+        self.plan = p
+        self.model = loading.load_model(p.source, p.config, o.use_ema, o.vae, o.device)
+        self.checker = loading.load_checker(o.safety_checker, o.device) if o.safety_check else None
+        self.model_hash = file_hash(p.source.ckpt_path)
+        self.precision = pipeline.choose_precision(o.device, o.precision, o.bf16)
+        self.sampler = pipeline.make_sampler(self.model, o.sampler)
+        self.shape = (p.geometry.channels, p.height // p.geometry.factor, p.width // p.geometry.factor)
+        self.posterior = None
+        self.warned: set = set()
+        if o.mode == "img2img":
+            with torch.no_grad(), self.precision.scope():
+                init = pipeline.image_tensor(p.init_image, o.device)
+                mean, std = pipeline.encode_init(self.model, init)
+                self.posterior = (mean.float(), std.float())
+            self.steps_per_image = pipeline.img2img_steps(self.sampler, o.steps, o.strength)
+        else:
+            self.steps_per_image = pipeline.grid_length(self.sampler, o.steps, o.eta)
+
+    @torch.no_grad()
+    def latents(self, job: pipeline.Job, callback: pipeline.StepCallback) -> torch.Tensor:
+        """Sampled latents [B, C, h, w] of one job."""
+        o = self.plan.opts
+        gens = pipeline.generators(job.seeds)
+        with self.precision.scope():
+            cond, uncond = pipeline.conditioning(self.model, job, o.negative_prompt, o.scale, self.warned)
+            if o.mode == "img2img":
+                return pipeline.sample_img2img(self.sampler, self.model, self.posterior, cond, uncond, o.steps,
+                                               o.strength, o.scale, o.eta, gens, callback)
+            x_T = pipeline.draw(gens, self.shape, o.device)
+            return pipeline.sample_txt2img(self.sampler, x_T, cond, uncond, o.steps, o.scale, o.eta, gens, callback)
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+        """Decoded, safety-checked PIL images of a batch and which of them were flagged."""
+        images = pipeline.to_numpy(pipeline.decode(self.model, latents, self.precision))
+        flags = [False] * len(images)
+        if self.checker is not None:
+            images, flags = self.checker.check(images)
+        return pipeline.to_pil(images), list(flags)
+
+
+def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Optional[Path] = None) -> RunResult:
+    """Validate, load, generate every batch and write samples and grid; raises UsageError/CheckpointError first."""
+    p = plan(opts, default_dir)
+    gen = _Generation(p)
+    watermark = None
+    if opts.watermark:
+        watermark = opts.watermark_text or loading.default_watermark(p.geometry)
+    writer = OutputWriter(opts.outdir, watermark, save_samples=not opts.skip_save, save_grid=not opts.skip_grid,
+                          n_rows=opts.n_rows)
+    jobs = pipeline.plan_jobs(p.prompts, opts.n_samples, opts.n_iter, opts.seed, opts.repeat, opts.fixed_code,
+                              batch_of_copies=opts.from_file is None)
+    result, all_images, first_params = RunResult(), [], None
+    start = time.perf_counter()
+    with progress(len(jobs), "batches") as batches:
+        for job in jobs:
+            steps = gen.steps_per_image * (len(job.seeds) if opts.eta else 1)
+            with progress(steps, "sampling") as bar:
+                latents = gen.latents(job, lambda i: bar.update(1))
+            images, flags = gen.images(latents)
+            for index, (image, prompt, seed, flagged) in enumerate(zip(images, job.prompts, job.seeds, flags)):
+                params = _parameters(p, prompt, seed, gen.model_hash)
+                first_params = first_params or params
+                path = writer.sample(image, params)
+                if path is not None:
+                    result.samples.append(path)
+                if flagged:
+                    logger.warning("image %s (seed %d) was flagged by the safety checker and replaced by black",
+                                   path or f"#{result.n_images + index}", seed)
+            result.flagged += sum(flags)
+            result.n_images += len(images)
+            all_images.extend(images)
+            batches.update(1)
+    result.grid = writer.grid(all_images, first_params)
+    result.seconds = time.perf_counter() - start
+    logger.debug(result.summary(opts.outdir))
+    return result
