@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.diffusion.parameterization import Prediction, extract, training_target
+from ldm.models.diffusion.process import DiffusionProcess
+from ldm.models.diffusion.training import conditioning_dropout, fit_state_dict, make_optimizer
 from ldm.models.diffusion.wrapper import DiffusionWrapper, disabled_train, freeze  # noqa: F401 (original names)
 from ldm.modules.diffusionmodules.schedules import DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights, make_beta_schedule
 from ldm.modules.ema import LitEma
@@ -27,23 +29,7 @@ logger = logging.getLogger(__name__)
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
 
-def fit_tensor(old: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor:
-    """The original ``make_it_fit`` resizing of a checkpoint tensor to ``new_shape`` (first two axes cycled).
-
-    Entries are repeated cyclically along the first two axes; for 2+-d tensors every input column j is then
-    divided by 1 + (the number of times it is used), exactly like the original.
-    """
-    if len(old.shape) != len(new_shape) or tuple(old.shape[2:]) != tuple(new_shape[2:]):
-        raise ValueError(f"make_it_fit cannot turn shape {list(old.shape)} into {list(new_shape)}")
-    idx0 = torch.arange(new_shape[0]) % old.shape[0]
-    if len(new_shape) == 1:
-        return old[idx0].clone()
-    idx1 = torch.arange(new_shape[1]) % old.shape[1]
-    used = 1 + torch.bincount(idx1, minlength=old.shape[1]).to(old.dtype)
-    return old[idx0][:, idx1] / used[idx1].reshape(1, -1, *((1,) * (len(new_shape) - 2)))
-
-
-class DDPM(nn.Module):
+class DDPM(DiffusionProcess, nn.Module):
     """Denoising diffusion (Ho et al. 2020) around the network of ``unet_config``; the original arguments."""
 
     def __init__(self, unet_config: Mapping[str, Any], timesteps: int = 1000, beta_schedule: str = "linear",
@@ -160,56 +146,13 @@ class DDPM(nn.Module):
             logger.info("ignoring %d checkpoint keys starting with %s", len(dropped), list(ignore_keys))
         target = self.model if only_model else self
         if self.make_it_fit:
-            own = dict(target.named_parameters(), **dict(target.named_buffers()))
-            for name, value in own.items():
-                if name in sd and sd[name].shape != value.shape:
-                    sd[name] = fit_tensor(sd[name], value.shape)
+            sd = fit_state_dict(sd, target.state_dict())
         missing, unexpected = target.load_state_dict(sd, strict=False)
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         if missing:
             logger.warning("keys missing from %s: %s", path, missing)
         if unexpected:
             logger.warning("unexpected keys in %s: %s", path, unexpected)
-
-    # -- the forward process and conversions (x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps)
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Mean, variance and log-variance of q(x_t | x_0) for x_start [B, ...], t [B]."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        return mean, variance, extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Noised x_t [B, ...] = sqrt(acp_t) x_start + sqrt(1 - acp_t) noise (noise drawn when None)."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
-
-    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v target [B, ...] = sqrt(acp_t) noise - sqrt(1 - acp_t) x."""
-        return training_target(Prediction.V, x, noise, extract(self.sqrt_alphas_cumprod, t, x.shape),
-                               extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape))
-
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0 [B, ...] from x_t and the noise eps."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
-
-    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x0 [B, ...] = sqrt(acp_t) x_t - sqrt(1 - acp_t) v."""
-        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
-
-    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """eps [B, ...] = sqrt(acp_t) v + sqrt(1 - acp_t) x_t."""
-        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
-
-    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        return (mean, extract(self.posterior_variance, t, x_t.shape),
-                extract(self.posterior_log_variance_clipped, t, x_t.shape))
 
     # -- training
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
@@ -264,23 +207,10 @@ class DDPM(nn.Module):
             x = x[..., None]
         return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
-    def apply_ucg(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Copy of ``batch`` with conditioning dropout: each ``ucg_training`` entry -> ``val`` with probability p."""
-        batch = dict(batch)
-        for k, spec in self.ucg_training.items():
-            p, val = float(spec["p"]), spec.get("val")
-            val = "" if val is None else val
-            items = batch[k].clone() if torch.is_tensor(batch[k]) else list(batch[k])
-            for i in range(len(items)):
-                if self.ucg_prng.choice(2, p=[1 - p, p]):
-                    items[i] = val
-            batch[k] = items
-        return batch
-
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, loss_dict) of a data batch; conditioning dropout is applied in training mode."""
         if self.training and self.ucg_training:
-            batch = self.apply_ucg(batch)
+            batch = conditioning_dropout(batch, self.ucg_training, self.ucg_prng)
         return self(self.get_input(batch, self.first_stage_key))
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
@@ -289,18 +219,13 @@ class DDPM(nn.Module):
             self.model_ema(self.model)
 
     def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters at ``self.learning_rate`` (+ the LambdaLR of scheduler_config)."""
+        """AdamW over the trainable weights at ``self.learning_rate`` (+ the LambdaLR of scheduler_config)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if getattr(self, "cond_stage_trainable", False) and self.cond_stage_model is not None:
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
-        opt = torch.optim.AdamW(params, lr=self.learning_rate)
-        if not self.use_scheduler:
-            return opt
-        schedule = instantiate_from_config(self.scheduler_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
-        return [opt], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+        return make_optimizer(params, self.learning_rate, self.scheduler_config)
 
 
 class LatentDiffusion(DDPM):
@@ -437,7 +362,7 @@ class LatentDiffusion(DDPM):
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, loss_dict) of a data batch; conditioning dropout is applied in training mode."""
         if self.training and self.ucg_training:
-            batch = self.apply_ucg(batch)
+            batch = conditioning_dropout(batch, self.ucg_training, self.ucg_prng)
         x, c = self.get_input(batch, self.first_stage_key)
         return self(x, c)
 
