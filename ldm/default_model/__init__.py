@@ -1,0 +1,1 @@
+"""The embedded default model: synthetic-shapes CLIP pre-training, export and evaluation maths."""
