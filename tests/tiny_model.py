@@ -6,12 +6,18 @@ second per image on a CPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FACTOR = 2
 LATENT = 16
@@ -69,3 +75,36 @@ def write_tiny_model(folder: Path, seed: int = 0, name: str = "tiny") -> tuple[P
     ckpt_path = folder / f"{name}.safetensors"
     save_safetensors(model.state_dict(), ckpt_path)
     return config_path, ckpt_path
+
+
+# Helpers shared by the script tests.
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (its ``main(argv)`` runs in-process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_args(tiny: tuple[Path, Path], steps: int = 2) -> list[str]:
+    """Flags selecting the tiny model (``--config``, ``--ckpt``), no safety checker, few steps."""
+    config, ckpt = tiny
+    return ["--config", str(config), "--ckpt", str(ckpt), "--no_safety_check", "--ddim_steps", str(steps)]
+
+
+def pixels(path: Path) -> np.ndarray:
+    """RGB pixels [H, W, 3] uint8 of an image file."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def samples(outdir: Path) -> list[Path]:
+    """The images a run wrote into ``outdir/samples``, sorted by name."""
+    return sorted((outdir / "samples").glob("*.png"))
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to the float rounding that differs between batch sizes (kernels may sum in another order)."""
+    assert a.shape == b.shape
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2

@@ -3,7 +3,8 @@
 Every image ``k`` has its own seed and ``torch.Generator`` (on the CPU, so the noise is the same on every device):
 its first draw is the starting noise (txt2img ``x_T``, img2img's forward noise), its second the autoencoder
 posterior sample (img2img), later draws the DDIM ``eta`` noise. An image therefore depends on its own seed only
-and can be made again alone with ``--seed <its seed> --n_samples 1``.
+and can be made again alone with ``--seed <its seed> --n_samples 1`` (identical up to the float rounding that
+differs between batch sizes, a level or two out of 255 at most; the same run on the same device is bit-identical).
 """
 from __future__ import annotations
 

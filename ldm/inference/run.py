@@ -59,10 +59,14 @@ class RunResult:
 
     def summary(self, outdir: Path) -> str:
         """One line: where the files went and the time per image."""
-        where = f"{len(self.samples)} images in {outdir / 'samples'}" if self.samples else "no individual images"
+        def count(n: int) -> str:
+            return f"{n} image{'' if n == 1 else 's'}"
+
+        where = f"{count(len(self.samples))} in {outdir / 'samples'}" if self.samples else "no single images saved"
         grid = f", grid {self.grid}" if self.grid else ""
+        flagged = f"; {self.flagged} replaced by the safety checker" if self.flagged else ""
         per = self.seconds / max(self.n_images, 1)
-        return f"Done: {where}{grid}; {self.n_images} images, {per:.2f} s per image"
+        return f"Done: {where}{grid}; {count(self.n_images)} made, {per:.2f} s per image{flagged}"
 
 
 def _valid_side(flag: str, value: int, factor: int) -> int:
