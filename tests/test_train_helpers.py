@@ -18,6 +18,16 @@ TINY = {"ldm": ROOT / "configs" / "training" / "tiny-ldm.yaml",
 QUIET = ["trainer.progress_bar=false", "trainer.tensorboard=false"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and on a shared CPU they lose a lot."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_images(root: Path, n: int, size: tuple[int, int] = (40, 48), captions: str = "sidecar",
                 corrupt: int = 0, seed: int = 0) -> list[str]:
     """Write ``n`` random PNGs (``size`` = (w, h)) with captions (sidecar .txt or metadata.jsonl) and ``corrupt``
