@@ -258,3 +258,166 @@ def test_script_runs_as_a_subprocess(tiny, tmp_path: Path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--steps", "0"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "--ddim_steps/--steps must be at least 1" in bad.stderr
+
+
+def test_vae_flag_replaces_the_autoencoder_weights(tiny, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    prefix = "first_stage_model."
+    vae = {k[len(prefix):]: v.clone() for k, v in load_file(str(tiny[1])).items() if k.startswith(prefix)}
+    vae["decoder.conv_out.bias"] += 0.5  # a visibly different decoder
+    # released VAE files carry training leftovers such as loss.*
+    save_file({**vae, "loss.logvar": torch.zeros(())}, str(tmp_path / "my-vae.safetensors"))
+    save_file({prefix + k: v for k, v in vae.items()}, str(tmp_path / "prefixed.safetensors"))
+    args = ["--prompt", "p", "--n_samples", "1", "--n_iter", "1", "--skip_grid"]
+    assert generate(tiny, tmp_path / "plain", *args) == 0
+    assert generate(tiny, tmp_path / "vae", *args, "--vae", str(tmp_path / "my-vae.safetensors")) == 0
+    assert generate(tiny, tmp_path / "pre", *args, "--vae", str(tmp_path / "prefixed.safetensors")) == 0
+    plain, with_vae = pixels(samples(tmp_path / "plain")[0]), pixels(samples(tmp_path / "vae")[0])
+    assert with_vae.astype(int).mean() > plain.astype(int).mean() + 20
+    np.testing.assert_array_equal(with_vae, pixels(samples(tmp_path / "pre")[0]))
+    assert parse_parameters(read_parameters(samples(tmp_path / "vae")[0]))["VAE"] == "my-vae"
+
+
+def test_ema_or_raw_weights_of_a_full_checkpoint(tiny, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoint import ema_key
+
+    raw = load_file(str(tiny[1]))
+    torch.manual_seed(1)
+    full = dict(raw)
+    for key, value in raw.items():
+        if key.startswith("model."):
+            full[ema_key(key)] = value + 0.05 * torch.randn_like(value)
+    full["model_ema.decay"], full["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(10, dtype=torch.int)
+    save_file(full, str(tmp_path / "full.safetensors"))
+    shutil.copy(tiny[0], tmp_path / "full.yaml")
+    args = ["--prompt", "p", "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--no_safety_check", "--steps", "2"]
+    outputs = {}
+    for name, flags in (("default", []), ("ema", ["--use_ema"]), ("raw", ["--no_ema"])):
+        assert txt2img.main(["--ckpt", str(tmp_path / "full.safetensors"), "--outdir", str(tmp_path / name),
+                             *args, *flags]) == 0
+        outputs[name] = pixels(samples(tmp_path / name)[0])
+    assert generate(tiny, tmp_path / "raw-only", *args) == 0
+    np.testing.assert_array_equal(outputs["default"], outputs["ema"])
+    np.testing.assert_array_equal(outputs["raw"], pixels(samples(tmp_path / "raw-only")[0]))
+    assert not np.array_equal(outputs["ema"], outputs["raw"])
+
+
+def _fake_checkpoint(path: Path, unet_in_channels: int = 4, text: str = "sd1") -> Path:
+    from safetensors.torch import save_file
+
+    keys = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, unet_in_channels, 1, 1),
+            "first_stage_model.encoder.conv_in.weight": torch.zeros(2, 3, 1, 1)}
+    if text == "sd1":
+        keys["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.zeros(2)
+    elif text == "sd2":
+        keys["cond_stage_model.model.transformer.resblocks.0.ln_1.weight"] = torch.zeros(2)
+    else:
+        keys = {"encoder.conv_in.weight": torch.zeros(2, 3, 1, 1)}
+    if path.suffix == ".safetensors":
+        save_file(keys, str(path))
+    else:
+        torch.save({"state_dict": keys, "global_step": 5}, path)
+    return path
+
+
+@pytest.mark.parametrize("name, text, config", [
+    ("sd-v1-5.safetensors", "sd1", "v1-inference.yaml"),
+    ("sd-v1-4.ckpt", "sd1", "v1-inference.yaml"),
+    ("v2-1_768-ema-pruned.safetensors", "sd2", "v2-inference-v.yaml"),
+    ("v2-1_512-ema-pruned.ckpt", "sd2", "v2-inference.yaml"),
+])
+def test_config_is_inferred_from_the_checkpoint_keys(tmp_path: Path, caplog, name: str, text: str, config: str):
+    ckpt = _fake_checkpoint(tmp_path / name, text=text)
+    with caplog.at_level(logging.INFO):
+        path, state_dict = loading.infer_config(ckpt)
+    assert path.name == config and path.is_file()
+    assert (state_dict is None) == name.endswith(".safetensors")  # safetensors: only the header is read
+    if text == "sd2":  # eps vs v cannot be told from the weights: say what was assumed and how to override
+        warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0]
+        assert "assumed" in warning and "--config configs/stable-diffusion/" in warning
+
+
+def test_config_beside_the_checkpoint_wins(tmp_path: Path):
+    ckpt = _fake_checkpoint(tmp_path / "custom.safetensors")
+    (tmp_path / "custom.yaml").write_text("model: {target: x}\n")
+    assert loading.infer_config(ckpt) == (tmp_path / "custom.yaml", None)
+
+
+@pytest.mark.parametrize("kind, message", [("inpainting", "inpainting checkpoint"),
+                                           ("vae", "not a full Stable Diffusion checkpoint")])
+def test_unsupported_checkpoints_are_named(tiny, tmp_path: Path, capsys, kind: str, message: str):
+    ckpt = _fake_checkpoint(tmp_path / f"{kind}.safetensors", unet_in_channels=9 if kind == "inpainting" else 4,
+                            text="sd1" if kind == "inpainting" else "none")
+    assert txt2img.main(["--ckpt", str(ckpt), "--prompt", "p", "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot infer the config" in err and message in err and not (tmp_path / "out").exists()
+
+
+def test_plan_jobs_seeds_and_batches():
+    from ldm.inference.pipeline import Job, plan_jobs
+
+    assert plan_jobs(["p"], n_samples=2, n_iter=2, seed=10) == [Job(("p", "p"), (10, 11)), Job(("p", "p"), (12, 13))]
+    jobs = plan_jobs(["a", "b", "c"], n_samples=2, n_iter=2, seed=0, batch_of_copies=False)
+    assert [j.prompts for j in jobs] == [("a", "b"), ("c",), ("a", "b"), ("c",)]
+    assert [j.seeds for j in jobs] == [(0, 1), (2,), (3, 4), (5,)]
+    jobs = plan_jobs(["a", "b"], n_samples=3, n_iter=1, seed=0, repeat=2, batch_of_copies=False)
+    assert [j.prompts for j in jobs] == [("a", "a", "b"), ("b",)]
+    assert [j.seeds for j in plan_jobs(["p"], 2, 3, seed=5, fixed_code=True)] == [(5, 6)] * 3
+
+
+def test_noise_is_per_image_and_device_independent():
+    from ldm.inference.pipeline import draw, generators
+
+    both = draw(generators([3, 4]), (4, 2, 2), "cpu")
+    alone = draw(generators([4]), (4, 2, 2), "cpu")
+    assert both.shape == (2, 4, 2, 2) and torch.equal(both[1], alone[0]) and not torch.equal(both[0], both[1])
+
+
+class _NaNInHalfPrecision(torch.nn.Module):
+    """Fake model whose decoder overflows under autocast, as fp16 VAEs do."""
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            return torch.full((z.shape[0], 3, 4, 4), float("nan"))
+        return torch.zeros(z.shape[0], 3, 4, 4)
+
+
+def test_nan_decode_in_half_precision_is_redone_in_float32(caplog):
+    from ldm.inference.pipeline import Precision, decode
+
+    with caplog.at_level(logging.WARNING):
+        images = decode(_NaNInHalfPrecision(), torch.zeros(2, 4, 2, 2), Precision("cpu", torch.bfloat16))
+    assert torch.equal(images, torch.full((2, 3, 4, 4), 0.5))
+    assert "decoding again in float32" in caplog.text
+
+
+def test_nan_decode_in_float32_gives_black_images_with_a_warning(caplog):
+    from ldm.inference.pipeline import Precision, decode
+
+    class AlwaysNaN(torch.nn.Module):
+        def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.full((z.shape[0], 3, 4, 4), float("nan"))
+
+    with caplog.at_level(logging.WARNING):
+        images = decode(AlwaysNaN(), torch.zeros(1, 4, 2, 2), Precision("cpu"))
+    assert torch.equal(images, torch.zeros(1, 3, 4, 4)) and "even in float32" in caplog.text
+
+
+def test_precision_choice():
+    from ldm.inference.pipeline import choose_precision
+
+    assert choose_precision("cpu", "autocast", bf16=False).dtype is None  # float32 on CPUs
+    assert choose_precision("cpu", "autocast", bf16=True).dtype is torch.bfloat16
+    assert choose_precision("cuda", "autocast", bf16=False).dtype is torch.float16
+    assert choose_precision("cuda:1", "full", bf16=False).dtype is None
+    assert choose_precision("cuda", "full", bf16=True).dtype is torch.bfloat16  # --bf16 implies autocast (SD 2)
+
+
+def test_default_watermark_payload_follows_the_model_generation():
+    geometry = loading.ModelGeometry(4, 8, 64, 1000, "FrozenOpenCLIPEmbedder")
+    assert loading.default_watermark(geometry) == "SDV2"
+    assert loading.default_watermark(loading.ModelGeometry(4, 8, 64, 1000, "FrozenCLIPEmbedder")) == \
+        "StableDiffusionV1"

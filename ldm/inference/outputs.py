@@ -120,7 +120,7 @@ class OutputWriter:
         self.n_rows = max(1, n_rows)
         self.written: list[Path] = []
         self._next_sample: Optional[int] = None
-        self._too_small: set = set()
+        self._told_too_small = False
 
     def _mark(self, image: Image.Image) -> Image.Image:
         if self.watermark_text is None:
@@ -128,10 +128,10 @@ class OutputWriter:
         from ldm.modules.watermark import put_watermark, watermark_fits
 
         if not watermark_fits(*image.size):
-            if image.size not in self._too_small:
-                self._too_small.add(image.size)
-                logger.warning("%dx%d images are too small for the invisible watermark; saved without it",
-                               *image.size)
+            if not self._told_too_small:
+                self._told_too_small = True
+                logger.warning("%dx%d images are too small for the invisible watermark (it needs 256x256 pixels); "
+                               "saved without it", *image.size)
             return image
         return put_watermark(image, self.watermark_text)
 
