@@ -112,10 +112,10 @@ class DDPM(DiffusionProcess, nn.Module):
         device = self.betas.device if hasattr(self, "betas") else None
         for name in DDPM_BUFFER_NAMES:
             self.register_buffer(name, torch.tensor(schedule[name], dtype=torch.float32, device=device))
-        weights = lvlb_weights(schedule, self.parameterization).to(device)
+        weights = lvlb_weights(schedule, self.parameterization)  # computed on the CPU (also when building on meta)
         if torch.isnan(weights).all():
             raise ValueError("the variational-bound weights are all NaN: check the beta schedule")
-        self.register_buffer("lvlb_weights", weights, persistent=False)
+        self.register_buffer("lvlb_weights", weights.to(device), persistent=False)
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:

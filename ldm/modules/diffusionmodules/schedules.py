@@ -22,16 +22,17 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     if n_timestep < 1:
         raise ValueError(f"n_timestep must be >= 1, got {n_timestep}")
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64,
+                               device="cpu") ** 2
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas_bar = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas_bar = alphas_bar / alphas_bar[0]
         betas = (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(min=0, max=0.999)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise ValueError(f"unknown beta schedule '{schedule}'; choose one of {', '.join(BETA_SCHEDULES)}")
     return betas.numpy()
@@ -122,10 +123,10 @@ def lvlb_weights(schedule: dict[str, np.ndarray], parameterization: str) -> torc
     (the original's formula, kept as is); v: ones. Computed in float32 from the float32 buffers like the
     original; entry 0 (infinite or undefined where the posterior variance is 0) is set to entry 1.
     """
-    f32 = {k: torch.tensor(v, dtype=torch.float32) for k, v in schedule.items()}
+    f32 = {k: torch.tensor(v, dtype=torch.float32, device="cpu") for k, v in schedule.items()}
     acp = f32["alphas_cumprod"]
     if parameterization == "eps":
-        alphas = torch.tensor(1.0 - schedule["betas"], dtype=torch.float32)
+        alphas = torch.tensor(1.0 - schedule["betas"], dtype=torch.float32, device="cpu")
         weights = f32["betas"] ** 2 / (2 * f32["posterior_variance"] * alphas * (1 - acp))
     elif parameterization == "x0":
         weights = 0.5 * torch.sqrt(acp) / (2.0 * 1 - acp)
