@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.training.distributed import DistContext
+from ldm.training.distributed import DistContext, all_reduce_mean
 from ldm.training.optim import OptimizerSlot, Precision, trainable
 from ldm.training.task_common import grad_sync, images_nchw, set_requires_grad, wrap_ddp
 
@@ -96,10 +96,20 @@ class AutoencoderTask:
                 self.slots[1].backward(d_loss / n)
             _add(logs, log, n)
         logs.update(self.slots[1].step())
+        self._sync_discriminator_buffers()
         if getattr(self.model, "use_ema", False):
             self.model.model_ema(self.model)
         logs["lr_abs"] = self.slots[0].lr
         return logs
+
+    @torch.no_grad()
+    def _sync_discriminator_buffers(self) -> None:
+        """Average the discriminator's BatchNorm statistics over ranks (each rank updated them on its own data)."""
+        if not self.ctx.distributed:
+            return
+        for buf in self.model.loss.discriminator.buffers():
+            if buf.is_floating_point():
+                buf.copy_(all_reduce_mean(buf, self.ctx))
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:

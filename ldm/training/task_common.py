@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -32,8 +33,12 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, broadcast_buffers: bool = Fals
     if not ctx.distributed:
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers,
-                                   gradient_as_bucket_view=True)
+    # buffers are always synced from rank 0 at construction; this flag is about every forward pass
+    # (newer torch renamed it, keeping the old name with a deprecation warning)
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   **{name: broadcast_buffers})
 
 
 def grad_sync(module: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
