@@ -15,6 +15,7 @@ from ldm.checkpoint import load_model_from_config
 from ldm.inference import pipeline
 from ldm.inference.metadata import parse_parameters
 from ldm.inference.outputs import read_parameters
+from ldm.modules.safety import numpy_to_pil
 from tiny_model import (FACTOR, PIXELS, ROOT, assert_same_image, load_script, model_args, pixels, samples,
                         write_tiny_model)
 
@@ -70,7 +71,7 @@ def test_strength_zero_returns_the_init_image_through_the_autoencoder(tiny, tmp_
         gens = pipeline.generators([4])
         pipeline.draw(gens, mean.shape[1:], "cpu")  # the first draw is the diffusion noise, unused at strength 0
         z0 = model.scale_factor * (mean + std * pipeline.draw(gens, mean.shape[1:], "cpu"))
-        expected = pipeline.to_pil(pipeline.to_numpy(pipeline.decode(model, z0, pipeline.Precision("cpu"))))[0]
+        expected = numpy_to_pil(pipeline.to_numpy(pipeline.decode(model, z0, pipeline.Precision("cpu"))))[0]
     assert_same_image(pixels(samples(tmp_path / "o")[0]), np.asarray(expected))
 
 

@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ldm.inference.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def choose_precision(device: str, precision: str, bf16: bool) -> Precision:
     """float16 autocast on GPUs for ``autocast``, bfloat16 with ``bf16``; float32 on CPUs unless ``bf16``."""
     device_type = torch.device(device).type
     if bf16:
+        if device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise UsageError("--bf16: this GPU does not support bfloat16; drop --bf16 (float16 autocast is used)")
         return Precision(device_type, torch.bfloat16)
     if precision == "full":
         return Precision(device_type)
@@ -235,18 +239,9 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
-def to_pil(images: np.ndarray) -> list[Image.Image]:
-    """numpy [B, H, W, 3] float in [0, 1] -> PIL RGB images (rounded to 8 bits)."""
-    return [Image.fromarray(image) for image in (np.clip(images, 0, 1) * 255).round().astype(np.uint8)]
-
-
 def load_init_image(path: Any, factor: int, width: Optional[int] = None,
                     height: Optional[int] = None) -> Image.Image:
     """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor."""
-    from PIL import UnidentifiedImageError
-
-    from ldm.inference.errors import UsageError
-
     try:
         with Image.open(path) as image:
             image.load()

@@ -16,6 +16,7 @@ from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
 from ldm.inference.outputs import OutputWriter, check_writable
+from ldm.modules.safety import numpy_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -170,42 +171,49 @@ class _Generation:
         flags = [False] * len(images)
         if self.checker is not None:
             images, flags = self.checker.check(images)
-        return pipeline.to_pil(images), list(flags)
+        return numpy_to_pil(images), list(flags)
+
+
+def _save_batch(p: Plan, gen: _Generation, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],
+                flags: list[bool], result: RunResult) -> Optional[str]:
+    """Write a batch's images with their own parameters; returns the first image's parameters text."""
+    first = None
+    for image, prompt, seed, flagged in zip(images, job.prompts, job.seeds, flags):
+        params = _parameters(p, prompt, seed, gen.model_hash)
+        first = first or params
+        path = writer.sample(image, params)
+        if path is not None:
+            result.samples.append(path)
+        if flagged:
+            logger.warning("image %s (seed %d) was flagged by the safety checker and replaced by a black image",
+                           path or f"#{result.n_images}", seed)
+        result.n_images += 1
+    result.flagged += sum(flags)
+    return first
 
 
 def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Optional[Path] = None) -> RunResult:
     """Validate, load, generate every batch and write samples and grid; raises UsageError/CheckpointError first."""
     p = plan(opts, default_dir)
     gen = _Generation(p)
-    watermark = None
-    if opts.watermark:
-        watermark = opts.watermark_text or loading.default_watermark(p.geometry)
+    watermark = (opts.watermark_text or loading.default_watermark(p.geometry)) if opts.watermark else None
     writer = OutputWriter(opts.outdir, watermark, save_samples=not opts.skip_save, save_grid=not opts.skip_grid,
                           n_rows=opts.n_rows)
     jobs = pipeline.plan_jobs(p.prompts, opts.n_samples, opts.n_iter, opts.seed, opts.repeat, opts.fixed_code,
                               batch_of_copies=opts.from_file is None)
-    result, all_images, first_params = RunResult(), [], None
+    result, grid_images, grid_params = RunResult(), [], None
     start = time.perf_counter()
     with progress(len(jobs), "batches") as batches:
         for job in jobs:
-            steps = gen.steps_per_image * (len(job.seeds) if opts.eta else 1)
+            steps = gen.steps_per_image * (len(job.seeds) if opts.eta else 1)  # eta > 0: image by image
             with progress(steps, "sampling") as bar:
                 latents = gen.latents(job, lambda i: bar.update(1))
             images, flags = gen.images(latents)
-            for index, (image, prompt, seed, flagged) in enumerate(zip(images, job.prompts, job.seeds, flags)):
-                params = _parameters(p, prompt, seed, gen.model_hash)
-                first_params = first_params or params
-                path = writer.sample(image, params)
-                if path is not None:
-                    result.samples.append(path)
-                if flagged:
-                    logger.warning("image %s (seed %d) was flagged by the safety checker and replaced by black",
-                                   path or f"#{result.n_images + index}", seed)
-            result.flagged += sum(flags)
-            result.n_images += len(images)
-            all_images.extend(images)
+            params = _save_batch(p, gen, writer, job, images, flags, result)
+            if not opts.skip_grid:
+                grid_images.extend(images)
+                grid_params = grid_params or params
             batches.update(1)
-    result.grid = writer.grid(all_images, first_params)
+    result.grid = writer.grid(grid_images, grid_params)
     result.seconds = time.perf_counter() - start
-    logger.debug(result.summary(opts.outdir))
     return result
