@@ -149,10 +149,9 @@ class DDPM(DiffusionProcess, nn.Module):
             sd = fit_state_dict(sd, target.state_dict())
         missing, unexpected = target.load_state_dict(sd, strict=False)
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
-        if missing:
-            logger.warning("keys missing from %s: %s", path, missing)
-        if unexpected:
-            logger.warning("unexpected keys in %s: %s", path, unexpected)
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                logger.warning("%d %s keys in %s, e.g. %s", len(keys), what, path, keys[:8])
 
     # -- training
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
