@@ -143,6 +143,8 @@ def test_first_stage_scaling(model):
     torch.manual_seed(5)
     torch.testing.assert_close(z, 0.18215 * post.sample())
     torch.testing.assert_close(model.get_first_stage_encoding(post.mean), 0.18215 * post.mean)
+    seeded = [model.get_first_stage_encoding(post, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(*seeded)
     with torch.no_grad():
         torch.testing.assert_close(model.decode_first_stage(z), model.first_stage_model.decode(z / 0.18215))
 

@@ -310,3 +310,15 @@ def test_ucg_schedule_per_step_scales():
     assert [x.shape[0] for x, _, _ in model.calls] == [2, 4, 2, 4, 2]
     with pytest.raises(ValueError, match="ucg_schedule"):
         DDIMSampler(model).sample(S=5, batch_size=2, shape=[1, 8, 8], verbose=False, ucg_schedule=[1.0])
+
+
+def test_dynamic_threshold_caps_pred_x0_rms():
+    model = GaussianModel(mu=3.0)
+    rms = []
+    DDIMSampler(model).sample(S=5, batch_size=2, shape=[1, 8, 8], verbose=False, dynamic_threshold=1.5,
+                              img_callback=lambda x0, i: rms.append(x0.pow(2).flatten(1).mean(1).sqrt().max().item()))
+    assert len(rms) == 5 and max(rms) <= 1.5 + 1e-5
+    with pytest.raises(ValueError, match="quantize"):
+        DDIMSampler(model).sample(S=5, batch_size=1, shape=[1, 8, 8], verbose=False, quantize_x0=True)
+    with pytest.raises(NotImplementedError, match="mask"):
+        DPMSolverSampler(model).sample(S=5, batch_size=1, shape=[1, 8, 8], verbose=False, mask=torch.ones(1))

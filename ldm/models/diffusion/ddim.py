@@ -19,6 +19,8 @@ class DDIMSampler(GridSampler):
     """``DDIMSampler(model, schedule="linear", device=None)``; ``sample(S, batch_size, shape, ...)``.
 
     The device follows the model when not given. ``eta`` > 0 adds fresh noise at every step (eta = 1: DDPM).
+    Unlike the SD2 original (NotImplementedError), ``dynamic_threshold`` applies the RMS (norm) threshold to
+    pred_x0, as the original PLMS does.
     """
 
     step_class = DDIMStep

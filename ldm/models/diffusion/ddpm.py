@@ -305,12 +305,13 @@ class LatentDiffusion(DDPM):
         """The first stage's encoding of images x [B, 3, H, W] (the KL posterior, not yet scaled)."""
         return self.first_stage_model.encode(x)
 
-    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+    def get_first_stage_encoding(self, encoder_posterior: Any,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [B, C, h, w] = scale_factor * (a posterior SAMPLE, or the given tensor)."""
         if torch.is_tensor(encoder_posterior):
             z = encoder_posterior
         elif callable(getattr(encoder_posterior, "sample", None)):
-            z = encoder_posterior.sample()
+            z = encoder_posterior.sample() if generator is None else encoder_posterior.sample(generator=generator)
         else:
             raise TypeError(f"cannot take latents from a {type(encoder_posterior).__name__}")
         return self.scale_factor * z

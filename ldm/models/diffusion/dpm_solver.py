@@ -196,7 +196,7 @@ class DPMSolverSampler:
         intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": []}
 
         def on_step(i: int, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
-            if (S - 1 - i) % log_every_t == 0 or i == 0:
+            if i % log_every_t == 0 or i == S - 1:
                 intermediates["x_inter"].append(x_i)
                 intermediates["pred_x0"].append(x0_i)
             if callback is not None:

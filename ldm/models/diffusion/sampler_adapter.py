@@ -52,11 +52,20 @@ class GridSampler:
         self.denoiser = ModelDenoiser(model)
         self.ddpm_num_timesteps = int(model.num_timesteps)
         self.schedule = schedule
-        self.device = torch.device(device) if device is not None else self.denoiser.alphas_cumprod.device
+        self._device = torch.device(device) if device is not None else None
         self.grid: DDIMGrid | None = None
         self.ddim_eta = 0.0
         if kwargs:
             logger.debug("%s ignores the arguments %s", type(self).__name__, sorted(kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        """Where fresh noise is drawn: the device given to the constructor, else the model's current device."""
+        return self._device if self._device is not None else self.denoiser.alphas_cumprod.device
+
+    @device.setter
+    def device(self, value: torch.device | str | None) -> None:
+        self._device = torch.device(value) if value is not None else None
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
