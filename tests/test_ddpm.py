@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.training import conditioning_dropout, fit_tensor
 from ldm.modules.diffusionmodules.schedules import DDPM_BUFFER_NAMES
 

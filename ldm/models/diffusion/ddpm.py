@@ -249,7 +249,8 @@ class LatentDiffusion(DDPM):
         reset_num_ema_updates = kwargs.pop("reset_num_ema_updates", False)
         ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
-        self.concat_mode, self.cond_stage_trainable, self.cond_stage_key = concat_mode, cond_stage_trainable, cond_stage_key
+        self.concat_mode, self.cond_stage_key = concat_mode, cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
         try:
             self.num_downs = len(first_stage_config["params"]["ddconfig"]["ch_mult"]) - 1
         except (KeyError, TypeError):
@@ -366,7 +367,8 @@ class LatentDiffusion(DDPM):
         x, c = self.get_input(batch, self.first_stage_key)
         return self(x, c)
 
-    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, c: Any, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of latents x [B, C, h, w] with conditioning c at uniformly random timesteps."""
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device).long()
         if self.model.conditioning_key is not None:

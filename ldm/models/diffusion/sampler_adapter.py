@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from ldm.models.diffusion.denoiser import ModelDenoiser
