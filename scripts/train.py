@@ -76,30 +76,39 @@ def resolve_run(args: argparse.Namespace) -> tuple[list[Path], Path, Path | None
     return saved[-1:] + [Path(b) for b in args.base], logdir, ckpt
 
 
-def setup_logging(logdir: Path | None, is_main: bool) -> None:
-    """Console logging (warnings only on ranks > 0) and ``train.log`` in the run folder on rank 0."""
+def setup_logging(logdir: Path | None, is_main: bool) -> list[logging.Handler]:
+    """Console logging (warnings only on ranks > 0) and ``train.log`` in the run folder on rank 0.
+
+    Returns the handlers added to the root logger (removed again when :func:`main` returns).
+    """
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if logdir is not None and is_main:
         logdir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logdir / "train.log"))
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    return handlers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (also works under torchrun)."""
     args = parse_args(argv)
     if args.export_ema:
-        setup_logging(None, True)
+        logging.basicConfig(level=logging.INFO)
         export_ema(args.export_ema[0], args.export_ema[1])
         return 0
     files, logdir, ckpt = resolve_run(args)
     cfg = load_config(files, args.overrides)
     rank, world, local = env_rank_info()
     ctx = init_distributed(rank, world, local, device=trainer_settings(cfg).device)
+    handlers: list[logging.Handler] = []
     try:
         logdir = Path(broadcast_object(str(logdir), ctx))  # one folder, named by rank 0's clock
-        setup_logging(logdir, ctx.is_main)
+        handlers = setup_logging(logdir, ctx.is_main)
         if ctx.is_main:
             (logdir / "configs").mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -114,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("no -t/--train: running one validation pass; values %s", trainer.validate(None))
     finally:
         shutdown()
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
     return 0
 
 
