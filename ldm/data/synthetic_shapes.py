@@ -217,25 +217,32 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 class SyntheticShapes(Dataset):
     """Map-style data set rendered on the fly: item ``i`` is ``{image_key: [H, W, 3] in [-1, 1], caption_key: str}``.
 
-    Indexing accepts ``i`` or ``(i, seed)`` (the trainer's sampler form; the per-sample seed is unused since
-    the picture is already a function of ``(seed, i)``).
+    Indexing accepts ``i`` or ``(i, seed)`` (the trainer's sampler form). ``crop``: return a random
+    ``crop`` x ``crop`` window of the ``size`` picture (for convolutional autoencoders), placed by the
+    per-sample seed (or by the index when none is given).
     """
 
     def __init__(self, size: int = 256, length: int = 10_000, seed: int = 0, image_key: str = "jpg",
-                 caption_key: str = "txt", offset: int = 0) -> None:
+                 caption_key: str = "txt", offset: int = 0, crop: int | None = None) -> None:
         if length < 1 or size < 8:
             raise ValueError(f"SyntheticShapes needs length >= 1 and size >= 8, got length={length}, size={size}")
+        if crop is not None and not 0 < crop <= size:
+            raise ValueError(f"crop must lie in [1, size={size}], got {crop}")
         self.size, self.length, self.seed, self.offset = int(size), int(length), int(seed), int(offset)
-        self.image_key, self.caption_key = image_key, caption_key
+        self.image_key, self.caption_key, self.crop = image_key, caption_key, crop
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index = item[0] if isinstance(item, tuple) else item
+        index, sample_seed = item if isinstance(item, tuple) else (item, item)
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         image, scene = render_item(self.seed, self.offset + index, self.size)
+        if self.crop is not None and self.crop < self.size:
+            rng = np.random.default_rng([self.seed, self.offset + index, int(sample_seed) % 2 ** 63])
+            left, top = (int(v) for v in rng.integers(0, self.size - self.crop + 1, size=2))
+            image = image.crop((left, top, left + self.crop, top + self.crop))
         return {self.image_key: image_to_tensor(image), self.caption_key: scene.caption,
                 "__key__": f"{self.offset + index:07d}"}
 

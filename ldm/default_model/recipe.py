@@ -1,0 +1,198 @@
+"""The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
+
+data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> export. Every stage writes
+its outputs into the work folder and is skipped when they are already there, so an interrupted run continues.
+The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs" / "default-model"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    """Settings of one retraining run (sizes, steps, device, where things go)."""
+
+    workdir: Path
+    out_dir: Path
+    images: int = 3000
+    data_seed: int = 0
+    clip_steps: int = 800
+    ae_steps: int = 700
+    unet_steps: int = 1100
+    device: str = "cpu"
+    threads: int = 1
+    parallel: bool = True
+    seed: int = 23
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        """The synthetic image folder (PNG + metadata.jsonl)."""
+        return self.workdir / "data"
+
+
+def _env(recipe: Recipe) -> dict[str, str]:
+    env = dict(os.environ)
+    if recipe.threads > 0:
+        env["OMP_NUM_THREADS"] = str(recipe.threads)
+        env["MKL_NUM_THREADS"] = str(recipe.threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run(cmd: list[str], recipe: Recipe, log: Path) -> None:
+    """Run a stage's command with its output in ``log``; a failure raises with the log's tail."""
+    logger.info("running %s (log: %s)", " ".join(cmd), log)
+    with open(log, "w", encoding="utf-8") as f:
+        result = subprocess.run(cmd, cwd=ROOT, env=_env(recipe), stdout=f, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"stage command failed (exit {result.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def _timed(recipe: Recipe, name: str, fn: Any, *args: Any) -> Any:
+    start = time.time()
+    result = fn(*args)
+    recipe.timings[name] = round(time.time() - start, 1)
+    logger.info("stage %s done in %.0f s", name, recipe.timings[name])
+    return result
+
+
+def make_data(recipe: Recipe) -> Path:
+    """Write the picture folder (skipped when its metadata.jsonl lists ``images`` pictures)."""
+    meta = recipe.data_dir / "metadata.jsonl"
+    if meta.exists() and len(meta.read_text(encoding="utf-8").splitlines()) == recipe.images:
+        return recipe.data_dir
+    _run([sys.executable, "scripts/make_shapes_dataset.py", "--out", str(recipe.data_dir), "--count",
+          str(recipe.images), "--seed", str(recipe.data_seed), "--workers", "2"], recipe,
+         recipe.workdir / "data.log")
+    return recipe.data_dir
+
+
+def train_clip(recipe: Recipe) -> Path:
+    """Contrastive CLIP pre-training (scripts/train_clip.py)."""
+    out = recipe.workdir / "clip.safetensors"
+    if not out.exists():
+        _run([sys.executable, "scripts/train_clip.py", "--out", str(out), "--steps", str(recipe.clip_steps),
+              "--device", recipe.device, "--threads", str(recipe.threads)], recipe, recipe.workdir / "clip.log")
+    return out
+
+
+def _trainer_run(recipe: Recipe, name: str, base: list[Path], overrides: list[str]) -> Path:
+    """Train with scripts/train.py into ``workdir/name``; returns its checkpoints folder."""
+    run_dir = recipe.workdir / name
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints / "last.ckpt").exists():
+        cmd = [sys.executable, "scripts/train.py", "-t", "--logdir", str(recipe.workdir), "--name", name,
+               "--seed", str(recipe.seed)]
+        for b in base:
+            cmd += ["--base", str(b)]
+        cmd += overrides + [f"trainer.device={recipe.device}"]
+        _run(cmd, recipe, recipe.workdir / f"{name}.log")
+        runs = sorted(recipe.workdir.glob(f"*_{name}"))
+        if not runs:
+            raise RuntimeError(f"scripts/train.py left no run folder '*_{name}' in {recipe.workdir}")
+        if run_dir.exists() or run_dir.is_symlink():
+            run_dir.unlink()
+        run_dir.symlink_to(runs[-1].name)
+    return checkpoints
+
+
+def train_autoencoder(recipe: Recipe) -> Path:
+    """AutoencoderKL training; returns its weights (.safetensors)."""
+    checkpoints = _trainer_run(recipe, "autoencoder", [CONFIG_DIR / "autoencoder.yaml"],
+                               [f"trainer.max_steps={recipe.ae_steps}"])
+    return checkpoints / "last-weights.safetensors"
+
+
+def pretrain(recipe: Recipe) -> tuple[Path, Path]:
+    """CLIP and autoencoder, side by side on CPU when ``parallel`` (they are independent)."""
+    if recipe.parallel:
+        with ThreadPoolExecutor(2) as pool:
+            clip = pool.submit(_timed, recipe, "clip", train_clip, recipe)
+            ae = pool.submit(_timed, recipe, "autoencoder", train_autoencoder, recipe)
+            return clip.result(), ae.result()
+    return _timed(recipe, "clip", train_clip, recipe), _timed(recipe, "autoencoder", train_autoencoder, recipe)
+
+
+def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, Path, float]:
+    """Encode the picture folder, write the initial LatentDiffusion weights; returns (cache, init, scale)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ldm.data.folder import ImageCaptionFolder
+    from ldm.default_model.export import initial_state
+    from ldm.default_model.latents import encode_to_cache, latent_std
+    from ldm.util import instantiate_from_config
+
+    cache, init, info = (recipe.workdir / "latents.safetensors", recipe.workdir / "init.safetensors",
+                         recipe.workdir / "latents-info.json")
+    if not (cache.exists() and init.exists() and info.exists()):
+        if recipe.threads > 0:
+            torch.set_num_threads(recipe.threads)
+        ae_cfg = OmegaConf.load(CONFIG_DIR / "autoencoder.yaml").model
+        ae_cfg.params.lossconfig = {"target": "torch.nn.Identity"}
+        autoencoder_model = instantiate_from_config(OmegaConf.to_container(ae_cfg, resolve=True))
+        ae_state = load_file(str(autoencoder))
+        autoencoder_model.load_state_dict({k: v for k, v in ae_state.items() if not k.startswith("loss.")})
+        dataset = ImageCaptionFolder(str(recipe.data_dir), size=256, image_key="jpg", caption_key="txt")
+        encode_to_cache(autoencoder_model, dataset, cache, device=recipe.device)
+        scale = 1.0 / latent_std(cache)
+        save_file(initial_state(autoencoder_model.state_dict(), load_file(str(clip))), str(init))
+        info.write_text(json.dumps({"scale_factor": scale}), encoding="utf-8")
+    return cache, init, json.loads(info.read_text(encoding="utf-8"))["scale_factor"]
+
+
+def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Path:
+    """LatentDiffusion training on the cached latents; returns the EMA inference weights."""
+    overrides = [f"model.params.ckpt_path={init}", f"model.params.scale_factor={scale:.6f}",
+                 f"data.params.train.params.path={cache}", f"trainer.max_steps={recipe.unet_steps}",
+                 f"model.params.scheduler_config.params.cycle_lengths=[{recipe.unet_steps}]"]
+    checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"], overrides)
+    return checkpoints / "last-ema.safetensors"
+
+
+def export(recipe: Recipe, ema: Path, clip: Path, scale: float) -> Path:
+    """Write the shipped model (config.yaml, model.safetensors, clip_visual.safetensors) to ``out_dir``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ldm.default_model.export import export_model, inference_config
+
+    cfg = inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), scale)
+    config_path, _ = export_model(ema, cfg, recipe.out_dir)
+    OmegaConf.save(cfg, CONFIG_DIR / "inference.yaml")
+    visual = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(clip)).items()
+              if k.startswith("visual.")}
+    save_file(visual, str(recipe.out_dir / "clip_visual.safetensors"))
+    return config_path
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """All stages; returns the timings (seconds) per stage and in total."""
+    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    _timed(recipe, "data", make_data, recipe)
+    clip, autoencoder = pretrain(recipe)
+    cache, init, scale = _timed(recipe, "latents", cache_latents, recipe, clip, autoencoder)
+    ema = _timed(recipe, "diffusion", train_diffusion, recipe, cache, init, scale)
+    _timed(recipe, "export", export, recipe, ema, clip, scale)
+    recipe.timings["total"] = round(time.time() - start, 1)
+    (recipe.workdir / "timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")
+    return dict(recipe.timings)
