@@ -147,3 +147,21 @@ def test_tiny_configs_are_valid(tmp_path):
         s = trainer_settings(cfg)
         assert s.max_steps >= 1 and cfg.data.params.batch_size >= 1
         assert model_config(cfg)["target"].startswith("ldm.models.")
+
+
+def test_real_example_configs_merge_and_name_what_is_missing():
+    from ldm.training.config import check_complete
+
+    files = [ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml", ROOT / "configs" / "training" /
+             "sd2-finetune.yaml"]
+    cfg = load_config(files)
+    with pytest.raises(ValueError, match="model.params.ckpt_path"):
+        check_complete(cfg)
+    cfg = load_config(files, ["model.params.ckpt_path=/m.ckpt", "data.params.train.params.urls=/d/{0..9}.tar"])
+    check_complete(cfg)
+    params = model_config(cfg)["params"]
+    assert params["use_ema"] is True and params["unet_config"]["params"]["model_channels"] == 320
+    assert params["scheduler_config"]["target"] == "ldm.lr_scheduler.LambdaLinearScheduler"
+    assert trainer_settings(cfg).precision == "bf16"
+    ae = load_config([ROOT / "configs" / "training" / "autoencoder-kl-f8.yaml"], ["data.params.train.params.root=/x"])
+    assert base_learning_rate(ae) == pytest.approx(4.5e-6) and trainer_settings(ae).accumulate_grad_batches == 2

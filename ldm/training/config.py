@@ -115,6 +115,14 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> D
     return cfg
 
 
+def check_complete(cfg: DictConfig) -> None:
+    """Raise a ValueError naming every value still marked ``???`` (to be given on the command line)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"the config leaves {missing} unset (marked ???): give them on the command line, e.g. "
+                         f"{missing[0]}=/path/to/...")
+
+
 def base_learning_rate(cfg: DictConfig) -> float:
     """``model.base_learning_rate`` (where the original configs keep it), or ``model.params.base_learning_rate``."""
     for value in (cfg.model.get("base_learning_rate"), (cfg.model.get("params") or {}).get("base_learning_rate")):

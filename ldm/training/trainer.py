@@ -15,8 +15,8 @@ from torch import nn
 from ldm.data.datamodule import TARGET_ALIASES, DataModuleFromConfig, DataPosition, strip_bookkeeping
 from ldm.data.sampler import mix_seed
 from ldm.training import checkpoint as ckpt_io
-from ldm.training.config import (TrainerSettings, base_learning_rate, effective_learning_rate, model_config,
-                                 settings_dict, trainer_settings)
+from ldm.training.config import (TrainerSettings, base_learning_rate, check_complete, effective_learning_rate,
+                                 model_config, settings_dict, trainer_settings)
 from ldm.training.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                       gather_objects)
 from ldm.training.images import save_grids
@@ -75,6 +75,7 @@ class Trainer:
     """Plain-PyTorch trainer for the ``model``/``data``/``trainer`` config; one instance per process."""
 
     def __init__(self, cfg: DictConfig, opts: RunOptions, ctx: DistContext) -> None:
+        check_complete(cfg)
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
         self.settings = trainer_settings(cfg)
         self.logdir, self.ckpt_dir = Path(opts.logdir), Path(opts.logdir) / "checkpoints"
