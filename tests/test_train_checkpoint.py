@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_helpers import ROOT, make_images, one_thread, run_training, tiny_config  # noqa: F401
+from test_train_helpers import (ROOT, load_train_script, make_images, one_thread, run_training,  # noqa: F401
+                                tiny_config)
 
 from ldm.training import checkpoint as ckpt_io
 
@@ -96,10 +97,7 @@ def test_inference_export_replaces_weights_by_their_ema(tmp_path):
           "model_ema.decay": torch.tensor(0.99), "model_ema.num_updates": torch.tensor(3, dtype=torch.int),
           "first_stage_model.w": torch.full((1,), 5.0), "betas": torch.rand(4)}
     torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "last.ckpt")
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_train_script()
     assert script.main(["--export_ema", str(tmp_path / "last.ckpt"), str(tmp_path / "ema.safetensors")]) == 0
     out = load_file(str(tmp_path / "ema.safetensors"))
     assert set(out) == {"model.diffusion_model.a.weight", "first_stage_model.w", "betas"}

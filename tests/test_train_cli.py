@@ -1,26 +1,19 @@
 """scripts/train.py end to end: a run from --base with overrides, then --resume of its folder; torchrun (slow)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_train_helpers import QUIET, ROOT, TINY, make_images, one_thread, read_metrics  # noqa: F401
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_train_helpers import (QUIET, ROOT, TINY, load_train_script, make_images, one_thread,  # noqa: F401
+                                read_metrics)
 
 
 def test_cli_trains_then_resumes_from_the_run_folder(tmp_path):
     make_images(tmp_path / "img", 6)
-    script = _script()
+    script = load_train_script()
     overrides = [f"data.params.train.params.root={tmp_path / 'img'}", "trainer.max_steps=2",
                  "trainer.image_log_every_n_steps=0", "trainer.val_every_n_steps=0", "trainer.log_every_n_steps=1",
                  "data.params.batch_size=2", "model.base_learning_rate=2e-4", *QUIET]

@@ -68,6 +68,15 @@ def run_training(cfg: Any, logdir: Path, seed: int = 0, resume: Path | None = No
     return trainer
 
 
+def load_train_script() -> Any:
+    """``scripts/train.py`` as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_metrics(logdir: Path, key: str) -> dict[int, float]:
     """``step -> value`` of one column of ``metrics.csv``."""
     import csv
@@ -123,10 +132,7 @@ def test_scale_lr_rule():
 
 
 def test_cli_options_and_run_folders(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_train_script()
     args = script.parse_args(["--base", "a.yaml", "b.yaml", "-t", "--name", "run", "--seed", "5", "--scale_lr",
                               "false", "model.base_learning_rate=1e-5", "--logdir", str(tmp_path)])
     assert args.base == ["a.yaml", "b.yaml"] and args.train and args.seed == 5 and not args.scale_lr

@@ -1,13 +1,14 @@
 """Training checkpoints: atomic writes, plain-data contents (``weights_only`` loadable), RNG states, EMA export."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,19 +40,12 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush + fsync, then rename over ``path``.
-
-    A crash at any point leaves either the previous ``path`` or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, else it is removed."""
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -59,21 +53,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flush + fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous ``path`` or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` (hard link, else copy), replacing ``dst`` atomically."""
-    tmp = _tmp_path(dst)
-    try:
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def remove_stale_temporaries(folder: Path) -> None:

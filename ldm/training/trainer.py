@@ -196,12 +196,7 @@ class Trainer:
                 acc.add(self.task.train_step(batches, self.step))
                 self.step += 1
                 bar.update(1)
-                if self.step % s.log_every_n_steps == 0 or self.step == s.max_steps:
-                    last_logs = self._log(acc, metrics, bar)
-                if s.val_every_n_steps and self.step % s.val_every_n_steps == 0:
-                    self.validate(metrics)
-                if s.image_log_every_n_steps and self.step % s.image_log_every_n_steps == 0 and ctx.is_main:
-                    self.log_images(batches[-1], "train")
+                last_logs = self._after_step(batches[-1], acc, metrics, bar) or last_logs
                 if self.step % s.checkpoint_every_n_steps == 0 or self.step == s.max_steps:
                     self.save(numbered=True)
                     saved_at = self.step
@@ -224,6 +219,18 @@ class Trainer:
         return last_logs
 
     # ----------------------------------------------------------------------------------------- feedback
+    def _after_step(self, batch: dict[str, Any], acc: MeanAccumulator, metrics: MetricsLogger | None,
+                    bar: Any) -> dict[str, float] | None:
+        """Metrics, validation and image grids due at this step; returns the logged values, if logged."""
+        s, logged = self.settings, None
+        if self.step % s.log_every_n_steps == 0 or self.step == s.max_steps:
+            logged = self._log(acc, metrics, bar)
+        if s.val_every_n_steps and self.step % s.val_every_n_steps == 0:
+            self.validate(metrics)
+        if s.image_log_every_n_steps and self.step % s.image_log_every_n_steps == 0 and self.ctx.is_main:
+            self.log_images(batch, "train")
+        return logged
+
     def _log(self, acc: MeanAccumulator, metrics: MetricsLogger | None, bar: Any) -> dict[str, float]:
         """Average the values since the last log over steps and ranks; write them (rank 0). Collective."""
         means = acc.reduce()

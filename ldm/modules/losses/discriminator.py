@@ -40,7 +40,7 @@ def weights_init(m: nn.Module) -> None:
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN: ``n_layers`` strided 4x4 convolutions, then two stride-1 ones; [B, C, H, W] -> logits map [B, 1, h, w]."""
+    """PatchGAN: ``n_layers`` strided 4x4 convolutions, then two stride-1 ones; [B, C, H, W] -> [B, 1, h, w]."""
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False) -> None:
         super().__init__()
