@@ -35,6 +35,7 @@ def test_a_few_steps_write_checkpoints_metrics_images_and_ema_export(images, tmp
     sd = ckpt["state_dict"]
     assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"]) == 1 and len(ckpt["rank_states"]) == 1
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
+    assert "ucg" in ckpt["rank_states"][0]["rng"]["generators"]  # the CFG-dropout stream resumes too
     for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model.", "model_ema."):
         assert any(k.startswith(prefix) for k in sd), prefix
     assert "betas" in sd and "alphas_cumprod" in sd and int(sd["model_ema.num_updates"]) == 4
