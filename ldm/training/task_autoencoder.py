@@ -63,7 +63,7 @@ class AutoencoderTask:
         self.gen_step = wrap_ddp(_GeneratorStep(model), ctx)
         set_requires_grad(disc_params, True)
         self.disc_step = wrap_ddp(_DiscriminatorStep(model), ctx, broadcast_buffers=True)
-        logger.info("training the autoencoder (%.1fM values) and the discriminator (%.1fM) with Adam, lr %.2e",
+        logger.info("training the autoencoder (%.2fM values) and the discriminator (%.2fM) with Adam, lr %.2e",
                     sum(p.numel() for p in ae_params) / 1e6, sum(p.numel() for p in disc_params) / 1e6, lr)
 
     @property
@@ -89,14 +89,15 @@ class AutoencoderTask:
             _add(logs, log, n)
         logs.update(self.slots[0].step())
         set_requires_grad(self.disc_params, True)
-        for i, (x, recon) in enumerate(zip(inputs, recons)):
-            with grad_sync(self.disc_step, i == n - 1):
-                with self.precision.autocast():
-                    d_loss, log = self.disc_step(x, recon, step)
-                self.slots[1].backward(d_loss / n)
-            _add(logs, log, n)
-        logs.update(self.slots[1].step())
-        self._sync_discriminator_buffers()
+        if self.model.loss.disc_factor > 0:  # disc_factor 0: the discriminator never learns, skip its step
+            for i, (x, recon) in enumerate(zip(inputs, recons)):
+                with grad_sync(self.disc_step, i == n - 1):
+                    with self.precision.autocast():
+                        d_loss, log = self.disc_step(x, recon, step)
+                    self.slots[1].backward(d_loss / n)
+                _add(logs, log, n)
+            logs.update(self.slots[1].step())
+            self._sync_discriminator_buffers()
         if getattr(self.model, "use_ema", False):
             self.model.model_ema(self.model)
         logs["lr_abs"] = self.slots[0].lr
