@@ -1,9 +1,11 @@
 """Gaussian diffusion models with the original constructor arguments and checkpoint layout.
 
-``DDPM``: the diffusion process around a network (``model.diffusion_model``), its schedule buffers, the training
-loss and EMA weights. ``LatentDiffusion``: the same in the latent space of a frozen autoencoder
-(``first_stage_model``), conditioned by ``cond_stage_model``. Sampling lives in the samplers
-(:mod:`ldm.models.diffusion.ddim`, ``plms``, ``dpm_solver``), which see these models through ``apply_model``.
+``DDPM``: the diffusion process in pixel space around a network (``model.diffusion_model``), its schedule buffers,
+the training loss (see :mod:`~ldm.models.diffusion.objective`, incl. Improved DDPM's learned variance and hybrid
+loss) and EMA weights, optionally conditioned by a ``cond_stage_model`` (e.g. a class embedder).
+``LatentDiffusion``: the same in the latent space of a frozen autoencoder (``first_stage_model``). Sampling lives
+in the samplers (:mod:`ldm.models.diffusion.ddim`, ``plms``, ``dpm_solver``, ``ancestral``), which see these
+models through ``apply_model``.
 """
 from __future__ import annotations
 
@@ -13,24 +15,31 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.diffusion.parameterization import Prediction, extract, training_target
+from ldm.models.diffusion.objective import DiffusionObjective, check_objective
+from ldm.models.diffusion.parameterization import Prediction
 from ldm.models.diffusion.process import DiffusionProcess
-from ldm.models.diffusion.training import conditioning_dropout, fit_state_dict, make_optimizer
+from ldm.models.diffusion.training import conditioning_dropout, load_checkpoint_into, make_optimizer
+from ldm.models.diffusion.variance import VarianceType, check_output_channels
 from ldm.models.diffusion.wrapper import DiffusionWrapper, disabled_train, freeze  # noqa: F401 (original names)
 from ldm.modules.diffusionmodules.schedules import DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights, make_beta_schedule
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, instantiate_from_config, mean_flat
+from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
 
-class DDPM(DiffusionProcess, nn.Module):
-    """Denoising diffusion (Ho et al. 2020) around the network of ``unet_config``; the original arguments."""
+class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
+    """Denoising diffusion (Ho et al. 2020) around the network of ``unet_config``; the original arguments.
+
+    Additions (defaults = the original behaviour): ``model_var_type`` (fixed_small | fixed_large | learned |
+    learned_range; learned ones need 2C network outputs), ``loss_type`` hybrid / vlb with ``lambda_vlb``, and
+    for pixel-space conditioning ``cond_stage_config`` / ``cond_stage_key`` / ``cond_stage_trainable``
+    (e.g. a ``ClassEmbedder`` routed by ``conditioning_key: crossattn``).
+    """
 
     def __init__(self, unet_config: Mapping[str, Any], timesteps: int = 1000, beta_schedule: str = "linear",
                  loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
@@ -43,21 +52,28 @@ class DDPM(DiffusionProcess, nn.Module):
                  scheduler_config: Mapping[str, Any] | None = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, make_it_fit: bool = False,
                  ucg_training: Mapping[str, Mapping[str, Any]] | None = None, reset_ema: bool = False,
-                 reset_num_ema_updates: bool = False, **unknown: Any) -> None:
+                 reset_num_ema_updates: bool = False, model_var_type: str = "fixed_small", lambda_vlb: float = 1e-3,
+                 cond_stage_config: Mapping[str, Any] | str | None = None, cond_stage_key: str | None = None,
+                 cond_stage_trainable: bool = False, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown constructor argument(s) {sorted(unknown)}; "
                             f"remove them from the config's params or check their spelling")
-        if loss_type not in ("l1", "l2"):
-            raise ValueError(f"unknown loss_type '{loss_type}'; choose l1 or l2")
+        self.model_var_type = VarianceType.parse(model_var_type)
+        check_objective(loss_type, self.model_var_type)
+        self.lambda_vlb = float(lambda_vlb)
         self.prediction = Prediction.parse(parameterization)
         self.parameterization = self.prediction.value
         logger.info("%s: running in %s-prediction mode", type(self).__name__, self.parameterization)
         self.cond_stage_model = None
+        self.first_stage_model = None  # pixel space: no autoencoder (LatentDiffusion sets its own)
+        self.cond_stage_key, self.cond_stage_trainable = cond_stage_key, cond_stage_trainable
+        self.cond_stage_forward: str | None = None
         self.clip_denoised, self.log_every_t = clip_denoised, log_every_t
         self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
         self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        check_output_channels(unet_config, channels, self.model_var_type)
         logger.info("%s has %.2f M params.", type(self.model.diffusion_model).__name__, count_params(self.model) * 1e-6)
         self.use_ema = use_ema
         if self.use_ema:
@@ -76,6 +92,11 @@ class DDPM(DiffusionProcess, nn.Module):
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
         self.ucg_training = dict(ucg_training or {})
         self.ucg_prng = np.random.RandomState()
+        if cond_stage_config is not None:
+            if conditioning_key is None or cond_stage_key is None:
+                raise ValueError("a cond_stage_config needs conditioning_key (e.g. crossattn) and cond_stage_key "
+                                 "(the batch entry it encodes, e.g. class_label)")
+            self.instantiate_cond_stage(cond_stage_config)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
         self._after_checkpoint(ckpt_path, reset_ema, reset_num_ema_updates)
@@ -133,25 +154,45 @@ class DDPM(DiffusionProcess, nn.Module):
                 if context is not None:
                     logger.info("%s: restored training weights", context)
 
-    @torch.no_grad()
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Load a .ckpt/.safetensors file non-strictly (the original's behaviour), reporting every mismatch."""
-        from ldm.checkpoint import load_state_dict_file
+        load_checkpoint_into(self.model if only_model else self, path, ignore_keys, self.make_it_fit)
 
-        sd = load_state_dict_file(path)
-        dropped = [k for k in sd if any(k.startswith(ik) for ik in ignore_keys)]
-        for k in dropped:
-            del sd[k]
-        if dropped:
-            logger.info("ignoring %d checkpoint keys starting with %s", len(dropped), list(ignore_keys))
-        target = self.model if only_model else self
-        if self.make_it_fit:
-            sd = fit_state_dict(sd, target.state_dict())
-        missing, unexpected = target.load_state_dict(sd, strict=False)
-        logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
-        for what, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                logger.warning("%d %s keys in %s, e.g. %s", len(keys), what, path, keys[:8])
+    def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
+        """Build the conditioning model (frozen unless cond_stage_trainable); special strings as the original."""
+        if self.cond_stage_trainable:
+            if config in ("__is_first_stage__", "__is_unconditional__"):
+                raise ValueError(f"cond_stage_trainable cannot be used with cond_stage_config '{config}'")
+            self.cond_stage_model = instantiate_from_config(config)
+        elif config == "__is_first_stage__":
+            if self.first_stage_model is None:
+                raise ValueError("cond_stage_config '__is_first_stage__' needs a first stage (LatentDiffusion)")
+            logger.info("Using the first stage also as cond stage.")
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            logger.info("Training %s as an unconditional model.", type(self).__name__)
+            self.cond_stage_model = None
+        else:
+            self.cond_stage_model = freeze(instantiate_from_config(config))
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Conditioning of the cond stage model for raw inputs ``c`` (prompts -> [B, 77, D]; a batch -> [B, 1, D])."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if callable(getattr(self.cond_stage_model, "encode", None)):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if not torch.is_tensor(c) and callable(getattr(c, "mode", None)) else c
+        return self.cond_stage_model(c)
+
+    def get_raw_conditioning(self, batch: Mapping[str, Any], cond_key: str, x: torch.Tensor | None = None) -> Any:
+        """What the cond stage encodes for ``batch``: the images, captions, the whole batch (class labels), ..."""
+        if cond_key == self.first_stage_key and x is not None:
+            return x
+        if cond_key in ("caption", "coordinates_bbox", "txt"):
+            return batch[cond_key]
+        if cond_key in ("class_label", "cls"):
+            return batch
+        return DDPM.get_input(self, batch, cond_key).to(self.device)
 
     # -- training
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
@@ -163,41 +204,13 @@ class DDPM(DiffusionProcess, nn.Module):
         out = self.model(x_noisy, t, **cond)
         return out[0] if isinstance(out, tuple) and not return_ids else out
 
-    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
-        """l1 / l2 error, averaged when ``mean`` else elementwise."""
-        if self.loss_type == "l1":
-            loss = (target - pred).abs()
-            return loss.mean() if mean else loss
-        return F.mse_loss(target, pred, reduction="mean" if mean else "none")
-
-    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
-                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, {"<train|val>/loss_simple", "/loss_vlb", "/loss"}) of denoising x_start [B, ...] at t [B]."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-        target = training_target(self.prediction, x_start, noise,
-                                 extract(self.sqrt_alphas_cumprod, t, x_start.shape),
-                                 extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape))
-        prefix = "train" if self.training else "val"
-        loss_simple = mean_flat(self.get_loss(model_output, target, mean=False))
-        loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
-        logvar_t = self.logvar.to(x_start.device)[t]
-        loss = loss_simple / torch.exp(logvar_t) + logvar_t
-        if self.learn_logvar:
-            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
-            loss_dict["logvar"] = self.logvar.data.mean()
-        loss = self.l_simple_weight * loss.mean()
-        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
-        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
-        loss = loss + self.original_elbo_weight * loss_vlb
-        loss_dict[f"{prefix}/loss"] = loss
-        return loss, loss_dict
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss at uniformly random timesteps for x [B, ...]."""
+    def forward(self, x: torch.Tensor, c: Any = None, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss at uniformly random timesteps for x [B, ...] (conditioning c encoded when trainable)."""
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device).long()
-        return self.p_losses(x, None, t, *args, **kwargs)
+        if c is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t, *args, **kwargs)
 
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
         """Batch entry ``k`` as a contiguous float [B, C, H, W] tensor (batches store images as [B, H, W, C])."""
@@ -210,7 +223,11 @@ class DDPM(DiffusionProcess, nn.Module):
         """(loss, loss_dict) of a data batch; conditioning dropout is applied in training mode."""
         if self.training and self.ucg_training:
             batch = conditioning_dropout(batch, self.ucg_training, self.ucg_prng)
-        return self(self.get_input(batch, self.first_stage_key))
+        x = self.get_input(batch, self.first_stage_key)
+        if self.cond_stage_model is None or self.model.conditioning_key is None:
+            return self(x)
+        c = self.get_raw_conditioning(batch, self.cond_stage_key, x)
+        return self(x, c if self.cond_stage_trainable else self.get_learned_conditioning(c))
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """After an optimizer step: update the EMA weights."""
@@ -268,21 +285,6 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
         self._after_checkpoint(ckpt_path, reset_ema, reset_num_ema_updates)
 
-    def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
-        """Build the conditioning model (frozen unless cond_stage_trainable); special strings as the original."""
-        if self.cond_stage_trainable:
-            if config in ("__is_first_stage__", "__is_unconditional__"):
-                raise ValueError(f"cond_stage_trainable cannot be used with cond_stage_config '{config}'")
-            self.cond_stage_model = instantiate_from_config(config)
-        elif config == "__is_first_stage__":
-            logger.info("Using the first stage also as cond stage.")
-            self.cond_stage_model = self.first_stage_model
-        elif config == "__is_unconditional__":
-            logger.info("Training %s as an unconditional model.", type(self).__name__)
-            self.cond_stage_model = None
-        else:
-            self.cond_stage_model = freeze(instantiate_from_config(config))
-
     def register_schedule(self, *args: Any, **kwargs: Any) -> None:
         """DDPM schedule, plus the shortened conditioning schedule when num_timesteps_cond > 1."""
         super().register_schedule(*args, **kwargs)
@@ -291,15 +293,6 @@ class LatentDiffusion(DDPM):
             self.cond_ids = torch.full((self.num_timesteps,), self.num_timesteps - 1, dtype=torch.long)
             ids = torch.round(torch.linspace(0, self.num_timesteps - 1, self.num_timesteps_cond)).long()
             self.cond_ids[:self.num_timesteps_cond] = ids
-
-    def get_learned_conditioning(self, c: Any) -> Any:
-        """Conditioning of the cond stage model for raw inputs ``c`` (e.g. a list of prompts -> [B, 77, D])."""
-        if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        if callable(getattr(self.cond_stage_model, "encode", None)):
-            c = self.cond_stage_model.encode(c)
-            return c.mode() if not torch.is_tensor(c) and callable(getattr(c, "mode", None)) else c
-        return self.cond_stage_model(c)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
@@ -335,15 +328,7 @@ class LatentDiffusion(DDPM):
         z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         c = xc = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
-            cond_key = cond_key or self.cond_stage_key
-            if cond_key == self.first_stage_key:
-                xc = x
-            elif cond_key in ("caption", "coordinates_bbox", "txt"):
-                xc = batch[cond_key]
-            elif cond_key in ("class_label", "cls"):
-                xc = batch
-            else:
-                xc = DDPM.get_input(self, batch, cond_key).to(self.device)
+            xc = self.get_raw_conditioning(batch, cond_key or self.cond_stage_key, x)
             c = xc
             if not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))

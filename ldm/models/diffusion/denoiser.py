@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ldm.models.diffusion.parameterization import Prediction
+from ldm.models.diffusion.variance import VarianceType, split_output
 
 
 @runtime_checkable
@@ -28,15 +29,22 @@ class Denoiser(Protocol):
 
 
 class ModelDenoiser:
-    """A ``DDPM``/``LatentDiffusion`` seen as a :class:`Denoiser` (calls its ``apply_model``)."""
+    """A ``DDPM``/``LatentDiffusion`` seen as a :class:`Denoiser` (calls its ``apply_model``).
 
-    def __init__(self, model: Any) -> None:
+    Models with a learned variance output 2C channels (mean, then variance values): by default only the mean
+    part is returned (what DDIM / PLMS / DPM-Solver use); ``full_output=True`` keeps both halves (ancestral
+    sampling with the model's variance).
+    """
+
+    def __init__(self, model: Any, full_output: bool = False) -> None:
         for attr in ("apply_model", "alphas_cumprod", "parameterization"):
             if not hasattr(model, attr):
                 raise TypeError(f"{type(model).__name__} cannot be sampled: it has no '{attr}' "
                                 f"(expected a DDPM / LatentDiffusion model)")
         self.model = model
         self.prediction = Prediction.parse(model.parameterization)
+        self.variance = VarianceType.parse(getattr(model, "model_var_type", VarianceType.FIXED_SMALL))
+        self.full_output = full_output
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -44,5 +52,8 @@ class ModelDenoiser:
         return self.model.alphas_cumprod.detach().float()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        """Raw output of the model [B, ...] for x [B, ...], t [B] and its conditioning."""
-        return self.model.apply_model(x, t, cond)
+        """Raw output of the model [B, C(, +C), ...] for x [B, C, ...], t [B] and its conditioning."""
+        out = self.model.apply_model(x, t, cond)
+        if self.full_output:
+            return out
+        return split_output(out, self.variance, x.shape[1])[0]

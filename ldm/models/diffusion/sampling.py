@@ -73,6 +73,23 @@ class DDIMGrid:
         return cls(timesteps, alphas, alphas_prev, np.asarray(sigmas, dtype=np.float64), np.sqrt(1.0 - alphas))
 
     @classmethod
+    def from_timesteps(cls, alphas_cumprod: torch.Tensor | np.ndarray, timesteps: Sequence[int],
+                       eta: float = 0.0) -> "DDIMGrid":
+        """A grid over any subset of timesteps (e.g. :func:`space_timesteps`); below the first is clean data.
+
+        As Improved DDPM's respaced DDIM: alphas_prev[0] = 1, so the last step lands on x_0 itself.
+        """
+        acp = _as_numpy32(alphas_cumprod)
+        ts = np.asarray(sorted({int(t) for t in timesteps}), dtype=np.int64)
+        if len(ts) == 0 or ts[0] < 0 or ts[-1] >= len(acp):
+            raise ValueError(f"DDIM timesteps must be a non-empty subset of [0, {len(acp) - 1}]")
+        alphas = acp[ts]
+        prev = np.append(np.float32(1.0), alphas[:-1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigmas = eta * np.sqrt((1 - prev) / (1 - alphas) * (1 - alphas / prev))
+        return cls(ts, alphas, prev, np.nan_to_num(sigmas).astype(np.float64), np.sqrt(1.0 - alphas))
+
+    @classmethod
     def full(cls, alphas_cumprod: torch.Tensor | np.ndarray, eta: float = 0.0) -> "DDIMGrid":
         """Every DDPM timestep (the original's ``use_original_steps``); alphas_prev[0] is 1 there."""
         acp = _as_numpy32(alphas_cumprod)
@@ -179,7 +196,8 @@ class PLMSStep(DDIMStep):
         return x_prev, pred_x0
 
 
-def _progress(items: Iterable[int], enabled: bool, desc: str, total: int) -> Iterable[int]:
+def progress_iter(items: Iterable[int], enabled: bool, desc: str, total: int) -> Iterable[int]:
+    """``items`` wrapped in a tqdm progress bar when ``enabled`` (and tqdm is installed)."""
     if not enabled:
         return items
     try:
@@ -204,7 +222,7 @@ def sample_grid(step: DDIMStep, x: torch.Tensor, cond: Any, grid: DDIMGrid, *, t
         raise ValueError("a mask needs x0, the known latents to keep")
     intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
     indices = range(total - 1, -1, -1)
-    for i, index in enumerate(_progress(indices, progress, desc, total)):
+    for i, index in enumerate(progress_iter(indices, progress, desc, total)):
         t = torch.full((x.shape[0],), int(grid.timesteps[index]), device=x.device, dtype=torch.long)
         if mask is not None:
             a_t, _, _, sqrt_one_minus_at = grid.scalars(index, x0)

@@ -1,12 +1,15 @@
-"""Training helpers of the diffusion models: conditioning dropout, optimizer set-up, checkpoint resizing."""
+"""Training helpers of the diffusion models: conditioning dropout, optimizer set-up, checkpoint loading/resizing."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
 
 
 def conditioning_dropout(batch: Mapping[str, Any], ucg_training: Mapping[str, Mapping[str, Any]],
@@ -60,3 +63,27 @@ def fit_tensor(old: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor:
 def fit_state_dict(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``sd`` with every tensor whose shape differs from the model's (``own``) resized by :func:`fit_tensor`."""
     return {k: fit_tensor(v, own[k].shape) if k in own and v.shape != own[k].shape else v for k, v in sd.items()}
+
+
+@torch.no_grad()
+def load_checkpoint_into(target: torch.nn.Module, path: str, ignore_keys: Sequence[str] = (),
+                         make_it_fit: bool = False) -> None:
+    """Load a .ckpt/.safetensors file into ``target`` non-strictly (the original's ``init_from_ckpt``).
+
+    Keys starting with any of ``ignore_keys`` are dropped first; every missing / unexpected key is reported.
+    """
+    from ldm.checkpoint import load_state_dict_file
+
+    sd = load_state_dict_file(path)
+    dropped = [k for k in sd if any(k.startswith(ik) for ik in ignore_keys)]
+    for k in dropped:
+        del sd[k]
+    if dropped:
+        logger.info("ignoring %d checkpoint keys starting with %s", len(dropped), list(ignore_keys))
+    if make_it_fit:
+        sd = fit_state_dict(sd, target.state_dict())
+    missing, unexpected = target.load_state_dict(sd, strict=False)
+    logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            logger.warning("%d %s keys in %s, e.g. %s", len(keys), what, path, keys[:8])

@@ -77,6 +77,35 @@ def make_ddim_sampling_parameters(alphacums: np.ndarray, ddim_timesteps: np.ndar
     return sigmas, alphas, alphas_prev
 
 
+def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int]:
+    """The subset of ``range(num_timesteps)`` a respaced sampler visits (ascending), as Improved DDPM.
+
+    ``spec``: an int or ``"N"`` (N steps spread evenly, ends included); ``"a,b,c"`` or a list (the timesteps cut
+    into that many equal sections, each spread over its own count); ``"ddimN"`` (the stride that gives exactly
+    N steps from 0, as DDIM's original spacing).
+    """
+    if isinstance(spec, str) and spec.startswith("ddim"):
+        count = int(spec[len("ddim"):])
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == count:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"no integer stride gives exactly {count} steps out of {num_timesteps}")
+    counts = [int(c) for c in (spec.split(",") if isinstance(spec, str) else
+                               [spec] if isinstance(spec, int) else spec)]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"step counts must be positive integers, got {spec!r}")
+    base, extra = divmod(num_timesteps, len(counts))
+    steps, start = [], 0
+    for i, count in enumerate(counts):
+        size = base + (1 if i < extra else 0)
+        if count > size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps (spec {spec!r})")
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        steps.extend(start + round(j * stride) for j in range(count))
+        start += size
+    return sorted(set(steps))
+
+
 # The DDPM buffers, under the names a checkpoint stores them (float32 there; computed here in float64).
 DDPM_BUFFER_NAMES = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",

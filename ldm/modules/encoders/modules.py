@@ -188,3 +188,38 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=attn_mask)
         return x.transpose(0, 1) if seq_first else x
+
+
+class ClassEmbedder(nn.Module):
+    """Class-label conditioning: ``batch[key]`` [B] (int) -> ``embedding`` [B, 1, embed_dim] (a context for crossattn).
+
+    As SD2's: with ``ucg_rate`` > 0 each label is replaced, with that probability, by the null class
+    ``n_classes - 1`` (so a config reserves one extra class for it: ``n_classes`` = real classes + 1).
+    Unlike the original, the dropout only acts in training mode (never while sampling).
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.1) -> None:
+        super().__init__()
+        if n_classes < 1 or not 0.0 <= ucg_rate < 1.0:
+            raise ValueError(f"ClassEmbedder needs n_classes >= 1 and 0 <= ucg_rate < 1, got {n_classes}, {ucg_rate}")
+        self.key, self.n_classes, self.ucg_rate = key, int(n_classes), float(ucg_rate)
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, batch: Mapping[str, Any], key: Optional[str] = None, disable_dropout: bool = False) -> torch.Tensor:
+        """Embeddings [B, 1, embed_dim] of the labels ``batch[key]`` (default: this embedder's key)."""
+        key = key or self.key
+        if key not in batch:
+            raise KeyError(f"ClassEmbedder reads batch['{key}'], which the batch lacks (keys: {sorted(batch)}); set "
+                           f"its 'key' param to the data set's label entry")
+        labels = torch.as_tensor(batch[key], device=self.embedding.weight.device).long().reshape(-1, 1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+            raise ValueError(f"class labels must lie in [0, {self.n_classes - 1}], got {labels.min()}..{labels.max()}")
+        if self.ucg_rate > 0.0 and self.training and not disable_dropout:
+            drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate
+            labels = torch.where(drop, torch.full_like(labels, self.n_classes - 1), labels)
+        return self.embedding(labels)
+
+    def get_unconditional_conditioning(self, bs: int, device: Optional[torch.device | str] = None) -> dict:
+        """A batch of ``bs`` null-class labels (``n_classes - 1``) under this embedder's key."""
+        device = device if device is not None else self.embedding.weight.device
+        return {self.key: torch.full((bs,), self.n_classes - 1, dtype=torch.long, device=device)}
