@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.tiling import check_tiling, tiled_apply
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -22,7 +23,13 @@ class AutoencoderKL(nn.Module):
     Constructor arguments and state_dict keys (encoder, decoder, quant_conv, post_quant_conv, loss) are the
     original's. Training lives elsewhere: it uses ``encode``, ``decode``, ``forward``, ``get_last_layer``
     and ``self.loss`` (``torch.nn.Identity`` in the inference configs).
+
+    Low memory: :meth:`enable_tiling` (or ``tile_size=`` on ``encode``/``decode``) processes big inputs in
+    overlapping, blended latent tiles (see :mod:`ldm.modules.diffusionmodules.tiling` for the approximation).
     """
+
+    tile_size: int | None = None  # latent cells per tile side; None = whole inputs (the original behaviour)
+    tile_overlap: int | None = None  # latent cells shared by neighbouring tiles; None = tile_size // 4
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
@@ -100,13 +107,48 @@ class AutoencoderKL(nn.Module):
             if context is not None:
                 logger.info("%s: Restored training weights", context)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Image [B, 3, H, W] -> posterior over latents [B, embed_dim, H/f, W/f]."""
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+    @property
+    def factor(self) -> int:
+        """Downsampling factor f between image pixels and latent cells."""
+        return 2 ** (self.encoder.num_resolutions - 1)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent [B, embed_dim, h, w] -> image [B, 3, h*f, w*f]."""
+    def enable_tiling(self, tile_size: int = 64, overlap: int | None = None) -> None:
+        """Encode/decode in tiles of ``tile_size`` latent cells overlapping by ``overlap`` (default a quarter)."""
+        check_tiling(tile_size, tile_size // 4 if overlap is None else overlap)
+        self.tile_size, self.tile_overlap = tile_size, overlap
+
+    def disable_tiling(self) -> None:
+        """Encode/decode whole inputs again (the default)."""
+        self.tile_size = self.tile_overlap = None
+
+    def _tiling(self, tile_size: int | None, overlap: int | None) -> tuple[int | None, int]:
+        """(tile, overlap) in latent cells: the arguments, else the ``enable_tiling`` settings; tile None = off."""
+        if tile_size is None:
+            tile_size, overlap = self.tile_size, self.tile_overlap if overlap is None else overlap
+        if tile_size is None:
+            return None, 0
+        return tile_size, tile_size // 4 if overlap is None else overlap
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _image(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
+
+    def encode(self, x: torch.Tensor, tile_size: int | None = None,
+               tile_overlap: int | None = None) -> DiagonalGaussianDistribution:
+        """Image [B, 3, H, W] -> posterior over latents [B, embed_dim, H/f, W/f] (in tiles when asked)."""
+        tile, overlap = self._tiling(tile_size, tile_overlap)
+        if tile is None:
+            return DiagonalGaussianDistribution(self._moments(x))
+        return DiagonalGaussianDistribution(tiled_apply(self._moments, x, tile, overlap, in_scale=self.factor))
+
+    def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None) -> torch.Tensor:
+        """Latent [B, embed_dim, h, w] -> image [B, 3, h*f, w*f] (in tiles when asked)."""
+        tile, overlap = self._tiling(tile_size, tile_overlap)
+        if tile is None:
+            return self._image(z)
+        return tiled_apply(self._image, z, tile, overlap, out_scale=self.factor)
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True  # noqa: A002 (original name)
                 ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
