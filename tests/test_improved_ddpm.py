@@ -230,7 +230,7 @@ def test_pixel_ddpm_routes_the_class_embedding_as_context():
     net.forward = lambda x, t, context=None, **kw: seen.append(context) or original(x, t, context=context, **kw)
     batch = {"image": torch.rand(2, 8, 8, 3) * 2 - 1, "class_label": torch.tensor([2, 0])}
     model.train()
-    loss, logs = model.shared_step(batch)
+    loss, _ = model.shared_step(batch)
     torch.testing.assert_close(seen[0], model.cond_stage_model.embedding.weight[[2, 0]][:, None])
     loss.backward()
     assert model.cond_stage_model.embedding.weight.grad is not None
