@@ -59,16 +59,16 @@ def build_data(section: DictConfig | dict) -> DataModuleFromConfig:
 
 def make_task(model: nn.Module, ctx: DistContext, precision: Precision, lr: float, settings: TrainerSettings,
               cfg: DictConfig, seed: int) -> DiffusionTask | AutoencoderTask:
-    """The training task that fits ``model``: LatentDiffusion-like or AutoencoderKL-like."""
-    if hasattr(model, "first_stage_model") and hasattr(model, "shared_step"):
+    """The training task that fits ``model``: a diffusion model (DDPM/LatentDiffusion) or an AutoencoderKL."""
+    if hasattr(model, "shared_step") and isinstance(getattr(model, "model", None), nn.Module):
         sched = (cfg.model.get("params") or {}).get("scheduler_config")
         sched = OmegaConf.to_container(sched, resolve=True) if isinstance(sched, DictConfig) else sched
         return DiffusionTask(model, ctx, precision, lr, sched, settings.gradient_clip_val,
                              mix_seed(seed, ctx.rank, 11))
     if hasattr(model, "get_last_layer") and hasattr(model, "loss"):
         return AutoencoderTask(model, ctx, precision, lr, settings.gradient_clip_val)
-    raise TypeError(f"don't know how to train {type(model).__name__}: expected a LatentDiffusion (shared_step, "
-                    f"first_stage_model) or an AutoencoderKL (get_last_layer, loss)")
+    raise TypeError(f"don't know how to train {type(model).__name__}: expected a diffusion model (shared_step and a "
+                    f"'model' network) or an AutoencoderKL (get_last_layer, loss)")
 
 
 class Trainer:
