@@ -13,6 +13,7 @@ from ldm.inference.errors import UsageError
 SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM++ 2M"}
 SAMPLER_ALIASES = {"dpm_solver": "dpm", "dpmsolver": "dpm", "dpm-solver": "dpm", "dpm++2m": "dpm"}
 PRECISIONS = ("full", "autocast")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MODES = ("txt2img", "img2img")
 
 
@@ -54,6 +55,10 @@ class Options:
     safety_checker: Optional[Path]
     init_img: Optional[Path] = None
     strength: float = 0.75
+    tiled_vae: Optional[int] = None
+    fast: bool = False
+    compile: str = "off"
+    threads: Optional[int] = None
 
     @property
     def sampler_label(self) -> str:
@@ -136,6 +141,20 @@ def _output_flags(p: argparse.ArgumentParser, mode: str) -> None:
                    help="folder with the safety checker (config.json, model.safetensors, preprocessor_config.json)")
 
 
+def _speed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed and memory (applied by ldm.inference.accel)")
+    g.add_argument("--tiled_vae", type=int, nargs="?", const=64, default=None, metavar="TILE",
+                   help="decode (and encode) the latents in overlapping tiles of TILE latent cells (default 64): "
+                        "big images in little memory; each tile's attention is local, a slight approximation")
+    g.add_argument("--fast", action="store_true",
+                   help="CUDA fast path: half-precision weights, channels_last, SDPA attention, cuDNN autotuning")
+    g.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the UNet and the VAE decoder on CUDA (reduce-overhead: CUDA graphs); the "
+                        "first batch pays the compilation")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core)")
+
+
 def build_parser(mode: str) -> argparse.ArgumentParser:
     """The parser of ``scripts/<mode>.py`` (``txt2img`` or ``img2img``) with both SD generations' spellings."""
     if mode not in MODES:
@@ -146,6 +165,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     _sampling_flags(p, mode)
     _model_flags(p)
     _output_flags(p, mode)
+    _speed_flags(p)
     return p
 
 
@@ -196,7 +216,8 @@ def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
 def _check_ranges(ns: argparse.Namespace) -> None:
     for flag, value, low in (("--ddim_steps/--steps", ns.steps, 1), ("--n_samples", ns.n_samples, 1),
                              ("--n_iter", ns.n_iter, 1), ("--repeat", ns.repeat, 1), ("--n_rows", ns.n_rows, 0),
-                             ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1)):
+                             ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1),
+                             ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--scale", ns.scale), ("--ddim_eta", ns.ddim_eta), ("--strength", ns.strength)):
@@ -258,7 +279,8 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         bf16=ns.bf16, device=resolve_device(ns.device), skip_grid=ns.skip_grid, skip_save=ns.skip_save,
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
         safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
-        init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength)
+        init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
+        fast=ns.fast, compile=ns.compile, threads=ns.threads)
 
 
 def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:

@@ -118,13 +118,23 @@ def warn_truncated(model: Any, prompts: Sequence[str], warned: set) -> None:
 
 def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
                  warned: set) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(cond, uncond) [B, 77, width] for a job; uncond (the negative prompt) is None when scale is 1."""
+    """(cond, uncond) [B, 77, width] for a job; uncond (the negative prompt) is None when scale is 1.
+
+    Each distinct text (a batch repeats its prompt; the negative prompt serves every image) is encoded once, in
+    one text-encoder call, and the rows are gathered from there.
+    """
     warn_truncated(model, list(job.prompts) + ([negative_prompt] if negative_prompt else []), warned)
-    cond = model.get_learned_conditioning(list(job.prompts))
-    uncond = None
-    if scale != 1.0:
-        uncond = model.get_learned_conditioning(len(job.prompts) * [negative_prompt])
-    return cond, uncond
+    texts = list(job.prompts) + ([negative_prompt] if scale != 1.0 else [])
+    unique = list(dict.fromkeys(texts))
+    encoded = model.get_learned_conditioning(unique)
+    if not torch.is_tensor(encoded) or encoded.shape[0] != len(unique):  # not a row-per-text conditioning
+        cond = model.get_learned_conditioning(list(job.prompts))
+        uncond = model.get_learned_conditioning(len(job.prompts) * [negative_prompt]) if scale != 1.0 else None
+        return cond, uncond
+
+    def rows(chosen: Sequence[str]) -> torch.Tensor:
+        return encoded.index_select(0, torch.tensor([unique.index(t) for t in chosen], device=encoded.device))
+    return rows(job.prompts), rows(len(job.prompts) * [negative_prompt]) if scale != 1.0 else None
 
 
 def make_sampler(model: Any, name: str) -> Any:
@@ -160,10 +170,11 @@ def _pick(x: Optional[torch.Tensor], part: slice) -> Optional[torch.Tensor]:
     return None if x is None else x[part]
 
 
+@torch.inference_mode()
 def sample_txt2img(sampler: Any, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
                    steps: int, scale: float, eta: float, gens: Sequence[torch.Generator],
                    callback: StepCallback = None) -> torch.Tensor:
-    """Latents [B, C, h, w] from the start noise x_T [B, C, h, w] in ``steps`` sampler steps."""
+    """Latents [B, C, h, w] from the start noise x_T [B, C, h, w] in ``steps`` sampler steps (inference mode)."""
     outs = []
     for part, gen in _per_image(x_T.shape[0], gens, eta):
         x = x_T[part]
@@ -180,6 +191,7 @@ def encode_init(model: Any, init: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return posterior.mean, posterior.std
 
 
+@torch.inference_mode()
 def sample_img2img(sampler: Any, model: Any, posterior: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor,
                    uncond: Optional[torch.Tensor], steps: int, strength: float, scale: float, eta: float,
                    gens: Sequence[torch.Generator], callback: StepCallback = None) -> torch.Tensor:
@@ -219,19 +231,32 @@ def img2img_steps(sampler: Any, steps: int, strength: float) -> int:
     return t_enc
 
 
+@torch.inference_mode()
 def decode(model: Any, latents: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Images [B, 3, H, W] float32 in [0, 1] from latents; a half-precision NaN/inf result is redone in float32."""
+    """Images [B, 3, H, W] float32 in [0, 1] from latents; a half-precision NaN/inf result is redone in float32
+    (with the autoencoder's weights upcast to float32 for good when they were half: the fast path)."""
     with precision.scope():
         x = model.decode_first_stage(latents)
     if precision.reduced and not torch.isfinite(x).all():
         logger.warning("decoding in %s gave NaN/inf values; decoding again in float32",
                        str(precision.dtype).replace("torch.", ""))
+        _upcast_autoencoder(model)
         with torch.autocast(precision.device_type, enabled=False):
             x = model.decode_first_stage(latents.float())
     if not torch.isfinite(x).all():
         logger.warning("the decoded images contain NaN/inf values even in float32; they are shown as black")
         x = torch.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
     return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _upcast_autoencoder(model: Any) -> None:
+    """Turn a half-precision first stage (``--fast`` casts the weights) into float32 for the rest of the run."""
+    vae = getattr(model, "first_stage_model", None)
+    param = next(vae.parameters(), None) if isinstance(vae, torch.nn.Module) else None
+    if param is not None and param.dtype != torch.float32:
+        logger.warning("the autoencoder now runs in float32 (its %s weights overflowed)",
+                       str(param.dtype).replace("torch.", ""))
+        vae.float()
 
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:
