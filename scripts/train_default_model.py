@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip_steps", type=int, default=d.clip_steps)
     p.add_argument("--ae_steps", type=int, default=d.ae_steps)
     p.add_argument("--unet_steps", type=int, default=d.unet_steps)
+    p.add_argument("--unet_procs", type=int, default=d.unet_procs,
+                   help=f"data-parallel processes for the UNet (torchrun; default {d.unet_procs}; 1 on one GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per training process (default 1: CLIP and autoencoder train side by side; "
@@ -51,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, unet_steps=args.unet_steps,
+                    unet_procs=args.unet_procs,
                     device=args.device, threads=args.threads, parallel=not args.sequential, seed=args.seed)
     timings = run(recipe)
     logger.info("default model written to %s; seconds per stage: %s", recipe.out_dir, json.dumps(timings))

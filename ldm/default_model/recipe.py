@@ -30,11 +30,13 @@ class Recipe:
 
     workdir: Path
     out_dir: Path
-    images: int = 3000
+    images: int = 2000
     data_seed: int = 0
     clip_steps: int = 800
     ae_steps: int = 700
     unet_steps: int = 1100
+    unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
+    unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
     threads: int = 1
     parallel: bool = True
@@ -94,13 +96,16 @@ def train_clip(recipe: Recipe) -> Path:
     return out
 
 
-def _trainer_run(recipe: Recipe, name: str, base: list[Path], overrides: list[str]) -> Path:
-    """Train with scripts/train.py into ``workdir/name``; returns its checkpoints folder."""
+def _trainer_run(recipe: Recipe, name: str, base: list[Path], overrides: list[str], procs: int = 1) -> Path:
+    """Train with scripts/train.py (under torchrun when ``procs`` > 1) into ``workdir/name``; returns its
+    checkpoints folder."""
     run_dir = recipe.workdir / name
     checkpoints = run_dir / "checkpoints"
     if not (checkpoints / "last.ckpt").exists():
-        cmd = [sys.executable, "scripts/train.py", "-t", "--logdir", str(recipe.workdir), "--name", name,
-               "--seed", str(recipe.seed)]
+        launcher = [sys.executable] if procs <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node", str(procs)]
+        cmd = launcher + ["scripts/train.py", "-t", "--logdir", str(recipe.workdir), "--name", name,
+                          "--seed", str(recipe.seed)]
         for b in base:
             cmd += ["--base", str(b)]
         cmd += overrides + [f"trainer.device={recipe.device}"]
@@ -163,8 +168,9 @@ def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Pa
     """LatentDiffusion training on the cached latents; returns the EMA inference weights."""
     overrides = [f"model.params.ckpt_path={init}", f"model.params.scale_factor={scale:.6f}",
                  f"data.params.train.params.path={cache}", f"trainer.max_steps={recipe.unet_steps}",
-                 f"model.params.scheduler_config.params.cycle_lengths=[{recipe.unet_steps}]"]
-    checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"], overrides)
+                 f"model.params.scheduler_config.params.cycle_lengths=[{recipe.unet_steps}]",
+                 f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}"]
+    checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"], overrides, recipe.unet_procs)
     return checkpoints / "last-ema.safetensors"
 
 

@@ -1,0 +1,166 @@
+"""The embedded default model (models/ldm/sd-shapes) and the code that trains, exports and evaluates it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from ldm.data.synthetic_shapes import COLOURS, render_item
+from ldm.default_model.classify import read_picture
+from ldm.default_model.evaluation import Adherence, evaluation_prompts, psnr
+from ldm.default_model.export import COND_STAGE_PREFIX, inference_config, initial_state, shipped_state
+from ldm.default_model.latents import CachedMoments, MomentsAutoencoderKL, encode_to_cache, latent_std
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "ldm" / "sd-shapes"
+CONFIG_DIR = ROOT / "configs" / "default-model"
+TINY_AE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3,
+                                          "out_ch": 3, "ch": 32, "ch_mult": [1, 1], "num_res_blocks": 0,
+                                          "attn_resolutions": [], "dropout": 0.0},
+           "lossconfig": {"target": "torch.nn.Identity"}}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model, loaded strictly through the inference scripts' loader."""
+    from ldm.inference import loading
+
+    source = loading.default_model_source(MODEL_DIR)
+    config = loading.read_config(source.config_path)
+    torch.manual_seed(0)
+    return loading.load_model(source, config, use_ema=None, vae=None, device="cpu"), config
+
+
+def test_shipped_files_fit_the_size_limit():
+    files = [p for p in MODEL_DIR.rglob("*") if p.is_file()]
+    assert {"config.yaml", "model.safetensors", "README.md"} <= {p.name for p in files}
+    assert sum(p.stat().st_size for p in files) <= 40 * 2 ** 20
+
+
+def test_shipped_weights_load_strictly_into_the_config():
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(MODEL_DIR / "config.yaml")
+    model = instantiate_from_config(config.model)
+    state = load_file(str(MODEL_DIR / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+    assert any(k.startswith("model.diffusion_model.") for k in state)
+    assert any(k.startswith(COND_STAGE_PREFIX) for k in state)
+    assert not any(k.startswith(("model_ema.", "loss.")) for k in state)
+    assert state["alphas_cumprod"].dtype == torch.float32  # schedule buffers keep full precision
+
+
+def test_shipped_config_matches_the_configs_folder():
+    assert OmegaConf.load(MODEL_DIR / "config.yaml") == OmegaConf.load(CONFIG_DIR / "inference.yaml")
+    train = OmegaConf.load(CONFIG_DIR / "ldm-train.yaml")
+    derived = inference_config(train, OmegaConf.load(MODEL_DIR / "config.yaml").model.params.scale_factor)
+    assert derived == OmegaConf.load(MODEL_DIR / "config.yaml")
+
+
+def test_shipped_model_generates_the_prompted_background_in_seconds(shipped):
+    from ldm.inference import pipeline
+
+    model, _ = shipped
+    start = time.time()
+    with torch.no_grad():
+        cond = model.get_learned_conditioning(["a red circle on a blue background"])
+        uncond = model.get_learned_conditioning([""])
+        gens = pipeline.generators([0])
+        x_T = pipeline.draw(gens, (4, 32, 32), "cpu")
+        z = pipeline.sample_txt2img(pipeline.make_sampler(model, "ddim"), x_T, cond, uncond, 10, 7.5, 0.0, gens)
+        image = pipeline.decode(model, z, pipeline.choose_precision("cpu", "full", False))
+    assert time.time() - start < 20
+    assert image.shape == (1, 3, 256, 256)
+    picture = (pipeline.to_numpy(image)[0] * 255).round().astype(np.uint8)
+    assert read_picture(picture).background == "blue"
+
+
+def test_moments_autoencoder_reproduces_the_posterior_of_pictures():
+    from ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    plain = AutoencoderKL(**TINY_AE).eval()
+    cached = MomentsAutoencoderKL(**TINY_AE).eval()
+    cached.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        moments = plain.quant_conv(plain.encoder(x))
+        a, b = plain.encode(x), cached.encode(moments)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.logvar, b.logvar)
+    with pytest.raises(ValueError, match="cached moments"):
+        cached.encode(x)
+
+
+def test_latent_cache_round_trip(tmp_path):
+    from ldm.data.synthetic_shapes import SyntheticShapes
+    from ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(**TINY_AE)
+    data = SyntheticShapes(size=32, length=5, seed=2)
+    path = encode_to_cache(ae, data, tmp_path / "lat.safetensors", batch_size=2)
+    ds = CachedMoments(str(path))
+    assert len(ds) == 5 and ds[3]["txt"] == data[3]["txt"]
+    assert ds[(3, 99)]["jpg"].shape == (16, 16, 8)  # [h, w, 2 * embed_dim]: picture-batch layout
+    assert latent_std(path) > 0
+
+
+def test_export_helpers_select_and_cast():
+    ae = {"encoder.w": torch.ones(2), "loss.logvar": torch.zeros(())}
+    clip = {"token_embedding.weight": torch.ones(3, 2), "visual.proj": torch.ones(2, 2)}
+    init = initial_state(ae, clip)
+    assert set(init) == {"first_stage_model.encoder.w", COND_STAGE_PREFIX + "token_embedding.weight"}
+    out = shipped_state({"model.diffusion_model.w": torch.ones(2), "betas": torch.ones(2, dtype=torch.float64),
+                         "first_stage_model.x": torch.ones(1)})
+    assert out["model.diffusion_model.w"].dtype == torch.float16 and out["first_stage_model.x"].dtype == torch.float16
+    assert out["betas"].dtype == torch.float64
+
+
+def test_inference_config_drops_training_parts():
+    cfg = inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), 0.5)
+    params = cfg.model.params
+    assert params.scale_factor == 0.5 and params.use_ema is False
+    assert params.first_stage_config.target == "ldm.models.autoencoder.AutoencoderKL"
+    assert "ckpt_path" not in params and "ucg_training" not in params and "scheduler_config" not in params
+    assert "base_learning_rate" not in cfg.model
+
+
+def test_clip_pretraining_runs_and_feeds_the_sd2_embedder(tmp_path):
+    from ldm.default_model.clip_pretrain import ClipTraining, Tokens, build_clip, encode_text, train_clip
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+
+    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    model = train_clip(ClipTraining(steps=2, batch_size=8, warmup=1, log_every=1), config=tiny)
+    tokens = Tokens()(["a red circle on a blue background", "an orange star at the top left on a white background"])
+    full = model.encode_text(tokens)
+    assert torch.allclose(encode_text(model, tokens[:, :24]), full, atol=1e-5)  # causal: padding is irrelevant
+    embedder = FrozenOpenCLIPEmbedder(arch="tiny", version=None, layer="last", arch_config=tiny)
+    text = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    embedder.model.load_state_dict(text, strict=True)
+    assert embedder(["a red circle on a blue background"]).shape == (1, 77, 32)
+    assert build_clip(tiny).visual is not None
+
+
+def test_adherence_counts_and_psnr():
+    check = Adherence()
+    image, scene = render_item(0, 3)
+    check.add(np.asarray(image), scene.colour, scene.shape, scene.background)
+    wrong_bg = next(c for c in COLOURS if c not in (scene.colour, scene.background))
+    check.add(np.asarray(image), scene.colour, scene.shape, wrong_bg)
+    assert check.rates() == {"colour": 1.0, "shape": 1.0, "background": 0.5, "all": 0.5}
+    assert len(evaluation_prompts([0, 1])) == 448
+    x = torch.rand(2, 3, 8, 8)
+    assert psnr(x, x).min() > 90 and abs(float(psnr(x, x + 0.1).mean()) - 20.0) < 1e-3
+
+
+def test_classifier_finds_no_shape_in_a_blank_picture():
+    blank = np.full((64, 64, 3), COLOURS["green"], np.uint8)
+    reading = read_picture(blank)
+    assert reading.background == "green" and reading.shape is None and reading.colour is None
