@@ -1,6 +1,8 @@
 """Test fixtures: the network is blocked for every test; reference data lives in ../shared/reference."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -39,3 +41,12 @@ def reference_dir() -> Path:
     if not (REFERENCE / "cases.json").exists():
         pytest.skip("../shared/reference is not present")
     return REFERENCE
+
+
+@functools.lru_cache(maxsize=None)
+def reference_oracle(root: str):
+    """The reference folder's check.py as a module (its Case builder, scripted noise, comparison), loaded once."""
+    spec = importlib.util.spec_from_file_location("reference_check", Path(root) / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,8 +3,6 @@ frozen stages, conditioning routing, EMA scope, training step helpers."""
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,22 +16,16 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.training import conditioning_dropout, fit_tensor
 from ldm.modules.diffusionmodules.schedules import DDPM_BUFFER_NAMES
 
+from conftest import reference_oracle
+
 
 # ---------------------------------------------------------------- reference cases (through the oracle's runner)
-
-@functools.lru_cache(maxsize=None)
-def _oracle(root: str):
-    spec = importlib.util.spec_from_file_location("reference_check", Path(root) / "check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("name", ["ldm_v2_eps_loss", "ldm_v2_v_loss", "ldm_v2_eps_conditioning",
                                   "ldm_v2_eps_apply_model", "ldm_v2_eps_decode", "ldm_v1_apply_model"])
 def test_reference_case(reference_dir, name):
     spec = next(c for c in json.load(open(reference_dir / "cases.json")) if c["name"] == name)
-    status, detail = _oracle(str(reference_dir)).check_case(spec, reference_dir, verbose=True)
+    status, detail = reference_oracle(str(reference_dir)).check_case(spec, reference_dir, verbose=True)
     assert status == "PASS", detail
 
 

@@ -3,7 +3,6 @@ classifier-free guidance batching, and the cases the original crashes on."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,28 +18,21 @@ from ldm.models.diffusion.parameterization import Prediction
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.diffusionmodules.schedules import make_beta_schedule
 
+from conftest import reference_oracle
+
 
 # ---------------------------------------------------------------- reference cases
 
 @functools.lru_cache(maxsize=None)
-def _oracle(root: str):
-    """The reference folder's check.py (its Case builder, scripted noise and comparison), loaded once."""
-    spec = importlib.util.spec_from_file_location("reference_check", Path(root) / "check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@functools.lru_cache(maxsize=None)
 def _model(root: str, config: str, weights: str):
-    check = _oracle(root)
+    check = reference_oracle(root)
     spec = next(c for c in json.load(open(Path(root) / "cases.json")) if c.get("config") == config)
     return check.Case(dict(spec, weights=weights), Path(root)).build()
 
 
 def _case(reference_dir: Path, name: str):
     spec = next(c for c in json.load(open(reference_dir / "cases.json")) if c["name"] == name)
-    check = _oracle(str(reference_dir))
+    check = reference_oracle(str(reference_dir))
     case = check.Case(spec, reference_dir)
     return check, case, _model(str(reference_dir), spec["config"], spec["weights"])
 
