@@ -30,6 +30,8 @@ from safetensors.torch import load_file  # noqa: E402
 from ldm.data.synthetic_shapes import render_item  # noqa: E402
 from ldm.default_model.evaluation import (Adherence, batched, clip_from_parts, clip_scores,  # noqa: E402
                                           evaluation_prompts, reconstruction_psnr)
+from ldm.checkpoint import load_weights, read_checkpoint  # noqa: E402
+from ldm.default_model.export import build  # noqa: E402
 from ldm.inference import loading, pipeline  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -47,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     p.add_argument("--batch", type=int, default=32, help="pictures per sampling batch (default 32)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompt/seed pairs (quick checks)")
     p.add_argument("--real", type=int, default=224, help="real pictures for the PSNR and reference scores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -80,8 +83,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """(model, config, folder of the model files)."""
     source = loading.resolve_source(args.ckpt, args.config)
     config = loading.read_config(source.config_path)
-    model = loading.load_model(source, config, use_ema=None, vae=None, device=args.device)
-    return model, config, source.config_path.parent
+    model = build(config)  # from plain containers (open_clip wants plain dicts for nested arch_config entries)
+    state_dict = source.state_dict if source.state_dict is not None else read_checkpoint(source.ckpt_path)[0]
+    load_weights(model, state_dict, use_ema=None, source=str(source.ckpt_path))
+    return model.to(args.device).eval().requires_grad_(False), config, source.config_path.parent
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -101,6 +106,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     results["classifier_on_real"] = check.rates()
     logger.info("PSNR %.2f dB; classifier on real pictures: %s", results["autoencoder_psnr_db"], check.rates())
     jobs = evaluation_prompts(list(range(args.seeds)))
+    if args.limit > 0:
+        jobs = jobs[:args.limit]
     adherence, pictures, start = Adherence(), [], time.time()
     for n, part in enumerate(batched(jobs, args.batch)):
         images = generate(model, [j[0] for j in part], [j[2] for j in part], args.steps, args.scale)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.data.synthetic_shapes import COLOURS, render_item
 from ldm.default_model.classify import read_picture

@@ -33,7 +33,8 @@ class Reading:
 
     def matches(self, colour: str, shape: str, background: str) -> dict[str, bool]:
         """Per-attribute agreement with the prompt, plus ``all``."""
-        result = {"colour": self.colour == colour, "shape": self.shape == shape, "background": self.background == background}
+        result = {"colour": self.colour == colour, "shape": self.shape == shape,
+                  "background": self.background == background}
         result["all"] = all(result.values())
         return result
 

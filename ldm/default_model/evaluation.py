@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.data.synthetic_shapes import combinations, plain_caption
@@ -76,6 +77,8 @@ def clip_from_parts(config: Mapping[str, Any], text_state: Mapping[str, torch.Te
     separately stored image tower (``visual.*``), in float32 and eval mode."""
     import open_clip
 
+    if isinstance(config, DictConfig):  # open_clip needs plain dicts for vision_cfg/text_cfg
+        config = OmegaConf.to_container(config, resolve=True)
     model = open_clip.CLIP(**copy.deepcopy(dict(config)))
     state = {k: v.float() for k, v in {**text_state, **visual_state}.items()}
     model.load_state_dict(state, strict=True)

@@ -83,7 +83,8 @@ class CachedMoments(Dataset):
         self.moments = load_file(str(path_))["moments"].permute(0, 2, 3, 1).contiguous()
         self.captions = json.loads(path_.with_suffix(".json").read_text(encoding="utf-8"))["captions"]
         if len(self.captions) != self.moments.shape[0]:
-            raise ValueError(f"latent cache '{path_}': {self.moments.shape[0]} latents but {len(self.captions)} captions")
+            raise ValueError(f"latent cache '{path_}': {self.moments.shape[0]} latents but {len(self.captions)} "
+                             "captions")
         self.image_key, self.caption_key = image_key, caption_key
 
     def __len__(self) -> int:

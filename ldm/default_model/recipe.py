@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "default-model"
+DEFAULT_OUT = ROOT / "models" / "ldm" / "sd-shapes"
 logger = logging.getLogger(__name__)
 
 
@@ -81,6 +83,8 @@ def make_data(recipe: Recipe) -> Path:
     meta = recipe.data_dir / "metadata.jsonl"
     if meta.exists() and len(meta.read_text(encoding="utf-8").splitlines()) == recipe.images:
         return recipe.data_dir
+    if recipe.data_dir.exists():
+        shutil.rmtree(recipe.data_dir)  # a folder of another size: every picture in it would be read
     _run([sys.executable, "scripts/make_shapes_dataset.py", "--out", str(recipe.data_dir), "--count",
           str(recipe.images), "--seed", str(recipe.data_seed), "--workers", "2"], recipe,
          recipe.workdir / "data.log")
@@ -104,11 +108,10 @@ def _trainer_run(recipe: Recipe, name: str, base: list[Path], overrides: list[st
     if not (checkpoints / "last.ckpt").exists():
         launcher = [sys.executable] if procs <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         "--nproc_per_node", str(procs)]
-        cmd = launcher + ["scripts/train.py", "-t", "--logdir", str(recipe.workdir), "--name", name,
-                          "--seed", str(recipe.seed)]
-        for b in base:
-            cmd += ["--base", str(b)]
-        cmd += overrides + [f"trainer.device={recipe.device}"]
+        # overrides first: --base takes every value that follows it
+        cmd = launcher + ["scripts/train.py", *overrides, f"trainer.device={recipe.device}", "-t", "--logdir",
+                          str(recipe.workdir), "--name", name, "--seed", str(recipe.seed), "--base",
+                          *[str(b) for b in base]]
         _run(cmd, recipe, recipe.workdir / f"{name}.log")
         runs = sorted(recipe.workdir.glob(f"*_{name}"))
         if not runs:
@@ -183,7 +186,8 @@ def export(recipe: Recipe, ema: Path, clip: Path, scale: float) -> Path:
 
     cfg = inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), scale)
     config_path, _ = export_model(ema, cfg, recipe.out_dir)
-    OmegaConf.save(cfg, CONFIG_DIR / "inference.yaml")
+    if recipe.out_dir.resolve() == DEFAULT_OUT.resolve():
+        OmegaConf.save(cfg, CONFIG_DIR / "inference.yaml")  # the configs folder describes the shipped model
     visual = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(clip)).items()
               if k.startswith("visual.")}
     save_file(visual, str(recipe.out_dir / "clip_visual.safetensors"))
