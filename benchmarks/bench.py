@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -364,8 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the selected components and print the table (Markdown) on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    from ldm.inference.accel import sensible_threads
-    torch.set_num_threads(sensible_threads(args.threads))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.vae_peak is not None:
         print(json.dumps(vae_peak(args)))
         return 0
