@@ -106,14 +106,21 @@ def measure(component: str, impl: str, fn: Callable[[], Any], args: argparse.Nam
 
 # ----------------------------------------------------------------------------------------------------- timing --
 
-def graphed(fn: Callable[..., torch.Tensor], args: argparse.Namespace, *inputs: torch.Tensor) -> Callable[[], Any]:
-    """``fn(*inputs)`` as a no-argument call, replayed from a CUDA graph with --cuda-graphs."""
+def graphed(fn: Callable[..., torch.Tensor], args: argparse.Namespace,
+            *inputs: torch.Tensor) -> tuple[Callable[[], Any], str]:
+    """(``fn(*inputs)`` as a no-argument call, note): replayed from a CUDA graph with --cuda-graphs; when the
+    capture fails (e.g. a host-to-device copy inside the forward) the call stays eager and the note says why."""
     if not args.cuda_graphs:
-        return lambda: fn(*inputs)
+        return (lambda: fn(*inputs)), ""
     from ldm.inference.accel import CudaGraphCall
-    with torch.inference_mode():
-        call = CudaGraphCall(fn, *inputs)
-    return lambda: call(*inputs)
+    try:
+        with torch.inference_mode():
+            call = CudaGraphCall(fn, *inputs)
+    except RuntimeError as e:
+        logger.error("CUDA graph capture failed, timing eagerly: %s", e)
+        torch.cuda.synchronize()
+        return (lambda: fn(*inputs)), f"graph capture failed: {str(e).splitlines()[0][:80]}"
+    return (lambda: call(*inputs)), "CUDA graph"
 
 
 def have_diffusers(args: argparse.Namespace) -> bool:
@@ -137,7 +144,10 @@ def run_contender(label: str, c: Contender, inputs: tuple, args: argparse.Namesp
     with torch.inference_mode():
         flops, plain = count_flops(lambda: c.call(module, *inputs))
     prepare(c.part(module), args, ours=c.impl == "ours")
-    return measure(label, c.impl, graphed(lambda *a: c.call(module, *a), args, *inputs), args, flops, plain)
+    call, note = graphed(lambda *a: c.call(module, *a), args, *inputs)
+    row = measure(label, c.impl, call, args, flops, plain)
+    row.note = note
+    return row
 
 
 def compare(label: str, contenders: list[Contender], inputs: tuple, args: argparse.Namespace) -> list[Row]:
