@@ -98,7 +98,7 @@ def measure(component: str, impl: str, fn: Callable[[], Any], args: argparse.Nam
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         first, times, out = time_calls(fn, device, args.warmup, iters or args.iters)
-    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    quantiles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     diff = float((out.float() - reference.float()).abs().max()) if reference is not None else None
     return Row(component, impl, statistics.median(times), quantiles[0], quantiles[-1], flops, peak, first, diff)
@@ -324,6 +324,15 @@ COMPONENTS = ("unet1", "unet2", "vae", "txt2img", "default")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def default_threads() -> int:
+    """The usable cores that other work leaves idle (``accel.sensible_threads``; all usable cores in old trees)."""
+    try:
+        from ldm.inference.accel import sensible_threads
+    except ImportError:
+        return len(os.sched_getaffinity(0))
+    return sensible_threads()
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Flags; sizes, dtype and repeat counts default by device (real sizes fp16 on CUDA, reduced fp32 on CPU)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -336,7 +345,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the txt2img line")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale of the txt2img line")
     p.add_argument("--full-size", action="store_true", help="real sizes on the CPU too (very slow)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per usable core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the usable cores not busy with other work)")
     p.add_argument("--no-diffusers", action="store_true", help="do not compare with diffusers even if installed")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights/activations (both contenders)")
     p.add_argument("--compile", default="off", choices=("off", "default", "max-autotune-no-cudagraphs",
@@ -375,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the selected components and print the table (Markdown) on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or default_threads())
     if args.vae_peak is not None:
         print(json.dumps(vae_peak(args)))
         return 0

@@ -88,9 +88,16 @@ def test_threads_option_sets_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert accel.sensible_threads() >= 1 and accel.sensible_threads(3) == 3
+    assert accel.sensible_threads(3) == 3
     with pytest.raises(ValueError, match="at least 1"):
         accel.sensible_threads(0)
+
+
+@pytest.mark.parametrize("cores,load,threads", [(2, 0.1, 2), (2, 1.2, 1), (2, 3.5, 1), (16, 4.4, 12)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, cores, load, threads):
+    monkeypatch.setattr(accel, "usable_cores", lambda: cores)
+    monkeypatch.setattr(accel, "busy_cores", lambda: load)
+    assert accel.sensible_threads() == threads
 
 
 def test_cast_and_channels_last_keep_keys_schedule_and_results(text_dir):

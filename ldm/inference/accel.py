@@ -180,16 +180,34 @@ def apply_fast_path(model: nn.Module, fast: FastPath) -> list[str]:
     return done
 
 
-def sensible_threads(requested: Optional[int] = None) -> int:
-    """CPU threads for torch: ``requested``, else the cores this process may run on."""
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"the number of threads must be at least 1, got {requested}")
-        return requested
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def busy_cores() -> float:
+    """Cores kept busy by other work: the 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on Unix
+        return 0.0
+
+
+def sensible_threads(requested: Optional[int] = None) -> int:
+    """CPU threads for torch: ``requested``, else the usable cores that other work leaves idle (at least 1).
+
+    On a shared machine more threads than idle cores can make torch many times slower (threads wait for each
+    other at every operation): on 2 cores with one busy, 2 threads took 3 to 35 times as long as 1.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"the number of threads must be at least 1, got {requested}")
+        return requested
+    cores = usable_cores()
+    return max(1, min(cores, cores - round(busy_cores())))
 
 
 def apply_options(model: nn.Module, opts: Any) -> list[str]:
@@ -202,6 +220,9 @@ def apply_options(model: nn.Module, opts: Any) -> list[str]:
     if threads is not None:
         torch.set_num_threads(sensible_threads(threads))
         done.append(f"{torch.get_num_threads()} CPU threads")
+    elif model_device(model).type == "cpu" and sensible_threads() < torch.get_num_threads():
+        logger.info("the CPU is busy (load %.1f on %d cores): --threads %d may be much faster than torch's %d",
+                    busy_cores(), usable_cores(), sensible_threads(), torch.get_num_threads())
     tile = getattr(opts, "tiled_vae", None)
     vae = getattr(model, "first_stage_model", None)
     if tile is not None and hasattr(vae, "enable_tiling"):
