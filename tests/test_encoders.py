@@ -177,3 +177,17 @@ def test_unknown_arch_and_layer_are_clear_errors():
     with pytest.raises(ValueError, match="layer"):
         FrozenOpenCLIPEmbedder(layer="pooled", arch_config={"embed_dim": 8, "text_cfg": {"width": 8, "heads": 2,
                                                                                           "layers": 1}})
+
+
+def test_arch_config_from_a_yaml_config_builds_the_text_tower():
+    """Configs loaded with OmegaConf pass arch_config as a DictConfig: it must build like a plain dict."""
+    from omegaconf import OmegaConf
+
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    plain = FrozenOpenCLIPEmbedder(arch="tiny-test", version=None, arch_config=arch)
+    from_yaml = FrozenOpenCLIPEmbedder(arch="tiny-test", version=None, arch_config=OmegaConf.create(arch))
+    from_yaml.load_state_dict(plain.state_dict(), strict=True)
+    prompts = ["a red circle on a blue background"]
+    assert torch.equal(plain.encode(prompts), from_yaml.encode(prompts))

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import loading, pipeline
+from ldm.inference import accel, loading, pipeline
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
@@ -135,6 +135,8 @@ class _Generation:
         o = p.opts
         self.plan = p
         self.model = loading.load_model(p.source, p.config, o.use_ema, o.vae, o.device)
+        for applied in accel.apply_options(self.model, o):
+            logger.info("speed option: %s", applied)
         self.checker = loading.load_checker(o.safety_checker, o.device) if o.safety_check else None
         self.model_hash = file_hash(p.source.ckpt_path)
         self.precision = pipeline.choose_precision(o.device, o.precision, o.bf16)

@@ -97,12 +97,23 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         return states[self.layer_idx]
 
 
+def _plain(config: Mapping[str, Any]) -> dict:
+    """A deep plain-dict copy of a (possibly OmegaConf) mapping: open_clip's dataclasses need real dicts."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        DictConfig = ()
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return copy.deepcopy({k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()})
+
+
 def open_clip_config(arch: str, arch_config: Optional[Mapping[str, Any]]) -> dict:
     """The open_clip model config dict (embed_dim, vision_cfg, text_cfg, ...) for ``arch`` or ``arch_config``."""
     import open_clip
 
     if arch_config is not None:
-        config = copy.deepcopy(dict(arch_config))
+        config = _plain(arch_config)
     else:
         config = open_clip.get_model_config(arch)
         if config is None:
