@@ -34,7 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="where the model is exported (default models/ldm/sd-shapes)")
     p.add_argument("--images", type=int, default=d.images, help=f"pictures for the diffusion model ({d.images})")
     p.add_argument("--clip_steps", type=int, default=d.clip_steps)
-    p.add_argument("--ae_steps", type=int, default=d.ae_steps)
+    p.add_argument("--ae_steps", type=int, default=d.ae_steps, help="autoencoder steps on 64x64 crops")
+    p.add_argument("--ae_full_steps", type=int, default=d.ae_full_steps,
+                   help="autoencoder steps on whole 256x256 pictures")
     p.add_argument("--unet_steps", type=int, default=d.unet_steps)
     p.add_argument("--unet_procs", type=int, default=d.unet_procs,
                    help=f"data-parallel processes for the UNet (torchrun; default {d.unet_procs}; 1 on one GPU)")
@@ -52,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
-                    clip_steps=args.clip_steps, ae_steps=args.ae_steps, unet_steps=args.unet_steps,
+                    clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
+                    unet_steps=args.unet_steps,
                     unet_procs=args.unet_procs,
                     device=args.device, threads=args.threads, parallel=not args.sequential, seed=args.seed)
     timings = run(recipe)

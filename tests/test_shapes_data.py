@@ -107,10 +107,9 @@ def test_written_folder_is_read_by_the_folder_dataset(tmp_path):
 
 
 def test_make_dataset_script_is_reproducible(tmp_path):
-    for name, workers in (("a", "1"), ("b", "2")):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shapes_dataset.py"), "--out",
-                        str(tmp_path / name), "--count", "5", "--size", "32", "--workers", workers], check=True,
-                       cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shapes_dataset.py"), "--out", str(tmp_path / "a"),
+                    "--count", "5", "--size", "32", "--workers", "2"], check=True, cwd=ROOT, capture_output=True)
+    write_metadata(tmp_path / "b", write_items(tmp_path / "b", seed=0, indices=range(5), size=32))
     for i in range(5):
         assert (tmp_path / "a" / f"{i:07d}.png").read_bytes() == (tmp_path / "b" / f"{i:07d}.png").read_bytes()
     assert (tmp_path / "a" / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()

@@ -34,8 +34,9 @@ class Recipe:
     out_dir: Path
     images: int = 2000
     data_seed: int = 0
-    clip_steps: int = 800
-    ae_steps: int = 700
+    clip_steps: int = 1600
+    ae_steps: int = 1200
+    ae_full_steps: int = 400
     unet_steps: int = 1100
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
@@ -123,10 +124,13 @@ def _trainer_run(recipe: Recipe, name: str, base: list[Path], overrides: list[st
 
 
 def train_autoencoder(recipe: Recipe) -> Path:
-    """AutoencoderKL training; returns its weights (.safetensors)."""
-    checkpoints = _trainer_run(recipe, "autoencoder", [CONFIG_DIR / "autoencoder.yaml"],
-                               [f"trainer.max_steps={recipe.ae_steps}"])
-    return checkpoints / "last-weights.safetensors"
+    """AutoencoderKL training on crops, then on whole pictures; returns its weights (.safetensors)."""
+    base = [CONFIG_DIR / "autoencoder.yaml"]
+    crops = _trainer_run(recipe, "autoencoder", base, [f"trainer.max_steps={recipe.ae_steps}"])
+    full = _trainer_run(recipe, "autoencoder-full", base + [CONFIG_DIR / "autoencoder-full.yaml"],
+                        [f"model.params.ckpt_path={crops / 'last-weights.safetensors'}",
+                         f"trainer.max_steps={recipe.ae_full_steps}"])
+    return full / "last-weights.safetensors"
 
 
 def pretrain(recipe: Recipe) -> tuple[Path, Path]:
