@@ -199,6 +199,17 @@ def test_guidance_one_batched_call_uncond_first():
     torch.testing.assert_close(out, 2 * x + 0.0 + 7.5 * (1.0 - 0.0))
 
 
+def test_guidance_leaves_the_variance_half_conditional():
+    rec = Recorder()
+    x = torch.randn(2, 6, 3, 3)  # 3 mean channels + 3 learned-variance channels
+    c, uc = torch.ones(2, 7, 8), torch.zeros(2, 7, 8)
+    guide = ClassifierFreeGuidance(rec, uc, 7.5, guided_channels=3)
+    out = guide(x, torch.tensor([5, 5]), c)
+    torch.testing.assert_close(out[:, :3], 2 * x[:, :3] + 7.5)  # guided
+    torch.testing.assert_close(out[:, 3:], 2 * x[:, 3:] + 1.0)  # the conditional output as it is
+    assert guide.with_scale(2.0).guided_channels == 3
+
+
 @pytest.mark.parametrize("scale,uc", [(1.0, torch.zeros(2, 7, 8)), (7.5, None)])
 def test_guidance_single_conditional_call(scale, uc):
     rec = Recorder()

@@ -3,8 +3,8 @@
 :func:`p_sample_loop` draws ``x_{i-1} ~ N(mean, var)`` of :meth:`DiffusionProcess.reverse_step` at every index of a
 :class:`DiffusionSchedule` (a model's full schedule or a respaced subset, Improved DDPM style): fixed small/large
 or learned variances alike. :func:`sample_model` runs it, or DDIM over a respaced subset, for a DDPM /
-LatentDiffusion with classifier-free guidance. Guidance combines the whole raw output, the variance values of
-learned-variance models included.
+LatentDiffusion with classifier-free guidance. Guidance acts on the mean half of the output only; the variance
+half of learned-variance models is taken from the conditional pass.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def sample_model(model: Any, x_T: torch.Tensor, cond: Any = None, *, method: str
     use = space_timesteps(full.num_timesteps, spec if isinstance(spec, str) else int(spec))
     if method == "ancestral":
         schedule = full if len(use) == full.num_timesteps else full.respaced(use)
-        guided = ClassifierFreeGuidance(ModelDenoiser(model, full_output=True), uncond, guidance_scale)
+        guided = ClassifierFreeGuidance(ModelDenoiser(model, full_output=True), uncond, guidance_scale,
+                                        guided_channels=x_T.shape[1])
         every = max(1, schedule.num_timesteps // max(frames, 1))
         logger.info("ancestral sampling over %d steps (%s variance)", len(use), schedule.model_var_type.value)
         return p_sample_loop(schedule, guided, x_T, cond, clip_denoised=clip, generator=generator,

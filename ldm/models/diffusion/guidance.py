@@ -32,13 +32,17 @@ class ClassifierFreeGuidance:
 
     The batch is ``cat([x, x])``, ``cat([t, t])``, ``[uncond; cond]`` (unconditional first). With
     ``scale == 1`` or no ``uncond`` it makes a single conditional call. Guidance acts on the raw output
-    (v for v-models); samplers convert to eps / x0 afterwards.
+    (v for v-models); samplers convert to eps / x0 afterwards. With ``guided_channels`` = C only the first C
+    output channels are guided and the rest (the variance half of learned-variance models) is the conditional
+    output: extrapolating a variance interpolation value would leave its [-1, 1] range.
     """
 
-    def __init__(self, denoiser: Any, uncond: Any = None, scale: float = 1.0) -> None:
+    def __init__(self, denoiser: Any, uncond: Any = None, scale: float = 1.0,
+                 guided_channels: int | None = None) -> None:
         self.denoiser = denoiser
         self.uncond = uncond
         self.scale = float(scale)
+        self.guided_channels = guided_channels
 
     @property
     def prediction(self) -> Prediction:
@@ -57,7 +61,7 @@ class ClassifierFreeGuidance:
 
     def with_scale(self, scale: float) -> "ClassifierFreeGuidance":
         """The same guidance with another scale (for per-step guidance schedules)."""
-        return ClassifierFreeGuidance(self.denoiser, self.uncond, scale)
+        return ClassifierFreeGuidance(self.denoiser, self.uncond, scale, self.guided_channels)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """Guided raw output [B, ...] for x [B, ...], t [B]."""
@@ -65,4 +69,8 @@ class ClassifierFreeGuidance:
             return self.denoiser(x, t, cond)
         both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(self.uncond, cond))
         out_uc, out_c = both.chunk(2)
-        return out_uc + self.scale * (out_c - out_uc)
+        guided = out_uc + self.scale * (out_c - out_uc)
+        c = self.guided_channels
+        if c is None or c >= out_c.shape[1]:
+            return guided
+        return torch.cat([guided[:, :c], out_c[:, c:]], dim=1)
