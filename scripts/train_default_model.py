@@ -1,6 +1,6 @@
 """Retrain the embedded default model (models/ldm/sd-shapes) from nothing, with the project's own code.
 
-    python scripts/train_default_model.py                       # CPU, about 45 min on 2 cores
+    python scripts/train_default_model.py                       # CPU: about 94 min on 2 cores
     python scripts/train_default_model.py --device cuda --threads 0
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->

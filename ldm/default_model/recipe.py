@@ -32,12 +32,12 @@ class Recipe:
 
     workdir: Path
     out_dir: Path
-    images: int = 2000
+    images: int = 4000
     data_seed: int = 0
     clip_steps: int = 1600
     ae_steps: int = 1200
     ae_full_steps: int = 400
-    unet_steps: int = 1100
+    unet_steps: int = 5000
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
@@ -155,7 +155,9 @@ def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, 
 
     cache, init, info = (recipe.workdir / "latents.safetensors", recipe.workdir / "init.safetensors",
                          recipe.workdir / "latents-info.json")
-    if not (cache.exists() and init.exists() and info.exists()):
+    stamp = {"images": recipe.images, "autoencoder": str(autoencoder), "clip": str(clip)}
+    if not (cache.exists() and init.exists() and info.exists()
+            and {k: v for k, v in json.loads(info.read_text(encoding="utf-8")).items() if k in stamp} == stamp):
         if recipe.threads > 0:
             torch.set_num_threads(recipe.threads)
         ae_cfg = OmegaConf.load(CONFIG_DIR / "autoencoder.yaml").model
@@ -167,7 +169,7 @@ def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, 
         encode_to_cache(autoencoder_model, dataset, cache, device=recipe.device)
         scale = 1.0 / latent_std(cache)
         save_file(initial_state(autoencoder_model.state_dict(), load_file(str(clip))), str(init))
-        info.write_text(json.dumps({"scale_factor": scale}), encoding="utf-8")
+        info.write_text(json.dumps({"scale_factor": scale, **stamp}), encoding="utf-8")
     return cache, init, json.loads(info.read_text(encoding="utf-8"))["scale_factor"]
 
 
@@ -176,7 +178,8 @@ def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Pa
     overrides = [f"model.params.ckpt_path={init}", f"model.params.scale_factor={scale:.6f}",
                  f"data.params.train.params.path={cache}", f"trainer.max_steps={recipe.unet_steps}",
                  f"model.params.scheduler_config.params.cycle_lengths=[{recipe.unet_steps}]",
-                 f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}"]
+                 f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}",
+                 f"trainer.checkpoint_every_n_steps={max(1, recipe.unet_steps // 4)}"]
     checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"], overrides, recipe.unet_procs)
     return checkpoints / "last-ema.safetensors"
 
