@@ -55,7 +55,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--grid", type=Path, help="save a grid of the first 64 generated pictures here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("out", "grid"):
+        path = getattr(args, name)
+        if path is not None and path.exists():  # found before the minutes of generation, not after
+            p.error(f"--{name} {path} already exists: choose a new path or remove the file first")
+    return args
 
 
 def real_pictures(count: int) -> tuple[torch.Tensor, list[Any]]:

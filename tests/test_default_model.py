@@ -168,3 +168,18 @@ def test_classifier_finds_no_shape_in_a_blank_picture():
     blank = np.full((64, 64, 3), COLOURS["green"], np.uint8)
     reading = read_picture(blank)
     assert reading.background == "green" and reading.shape is None and reading.colour is None
+
+
+def test_evaluate_refuses_to_overwrite_results(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    existing = tmp_path / "eval.json"
+    existing.write_text("keep me", encoding="utf-8")
+    with pytest.raises(SystemExit) as err:
+        script.parse_args(["--out", str(existing)])
+    assert err.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert existing.read_text(encoding="utf-8") == "keep me"
+    assert script.parse_args(["--out", str(tmp_path / "new.json")]).out == tmp_path / "new.json"
