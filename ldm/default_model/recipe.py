@@ -156,8 +156,8 @@ def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, 
     cache, init, info = (recipe.workdir / "latents.safetensors", recipe.workdir / "init.safetensors",
                          recipe.workdir / "latents-info.json")
     stamp = {"images": recipe.images, "autoencoder": str(autoencoder), "clip": str(clip)}
-    if not (cache.exists() and init.exists() and info.exists()
-            and {k: v for k, v in json.loads(info.read_text(encoding="utf-8")).items() if k in stamp} == stamp):
+    recorded = json.loads(info.read_text(encoding="utf-8")) if info.exists() else {}
+    if not (cache.exists() and init.exists() and all(recorded.get(k) == v for k, v in stamp.items())):
         if recipe.threads > 0:
             torch.set_num_threads(recipe.threads)
         ae_cfg = OmegaConf.load(CONFIG_DIR / "autoencoder.yaml").model
@@ -169,8 +169,9 @@ def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, 
         encode_to_cache(autoencoder_model, dataset, cache, device=recipe.device)
         scale = 1.0 / latent_std(cache)
         save_file(initial_state(autoencoder_model.state_dict(), load_file(str(clip))), str(init))
-        info.write_text(json.dumps({"scale_factor": scale, **stamp}), encoding="utf-8")
-    return cache, init, json.loads(info.read_text(encoding="utf-8"))["scale_factor"]
+        recorded = {"scale_factor": scale, **stamp}
+        info.write_text(json.dumps(recorded), encoding="utf-8")
+    return cache, init, recorded["scale_factor"]
 
 
 def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Path:
