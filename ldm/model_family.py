@@ -9,6 +9,8 @@ from typing import Any, Mapping
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "stable-diffusion"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "ldm" / "sd-shapes"
+SD_UNET_CHANNELS = 320  # model_channels of every SD 1.x / 2.x UNet
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 SD1_TEXT = "cond_stage_model.transformer.text_model."
@@ -29,6 +31,21 @@ def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
     return tuple(v.shape) if v is not None and hasattr(v, "shape") else None
 
 
+def _default_model_layout(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.")}
+
+
+def matches_default_model(sd: Mapping[str, Any], model_dir: Path = DEFAULT_MODEL_DIR) -> bool:
+    """True when ``sd`` has exactly the UNet keys and shapes of the embedded default model (e.g. a fine-tune of it)."""
+    if not (model_dir / "model.safetensors").is_file():
+        return False
+    unet = {k: _shape(sd, k) for k in sd if k.startswith("model.")}
+    return unet == _default_model_layout(model_dir)
+
+
 def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
     """Family of a full SD checkpoint's state_dict; raises ValueError when it is not one we can build."""
     unet_in = _shape(sd, UNET_IN)
@@ -38,6 +55,8 @@ def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
     if unet_in[1] == 9:
         raise ValueError("this is an inpainting checkpoint (9 UNet input channels): txt2img/img2img need a "
                          "regular text-to-image checkpoint")
+    if unet_in[0] != SD_UNET_CHANNELS and matches_default_model(sd):
+        return Family("sd-shapes", DEFAULT_MODEL_DIR / "config.yaml")
     if any(k.startswith(SD1_TEXT) for k in sd):
         return Family("sd1", CONFIG_DIR / "v1-inference.yaml")
     if any(k.startswith(SD2_TEXT) for k in sd):

@@ -174,6 +174,25 @@ def test_p_losses_targets_and_prefixes(parameterization):
     assert list(logs) == ["train/loss_simple", "train/loss_vlb", "train/loss"]
 
 
+def test_snr_gamma_weights_the_training_loss_not_the_logged_one():
+    plain, weighted = tiny(parameterization="v"), tiny(parameterization="v", snr_gamma=5.0)
+    weighted.load_state_dict(plain.state_dict())
+    x0, noise, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8), torch.tensor([10, 900])
+    per_sample = []
+    with torch.no_grad():
+        for i in range(2):
+            _, logs = plain.p_losses(x0[i:i + 1], c[i:i + 1], t[i:i + 1], noise=noise[i:i + 1])
+            per_sample.append(logs["train/loss_simple"])
+        loss, logs = weighted.p_losses(x0, c, t, noise=noise)
+    snr = weighted.alphas_cumprod[t] / (1 - weighted.alphas_cumprod[t])
+    expected = (torch.stack(per_sample) * torch.clamp(snr, max=5.0) / (snr + 1)).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logs["train/loss_simple"], torch.stack(per_sample).mean())
+    assert "snr_weights" not in weighted.state_dict()  # checkpoints keep the original keys
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        tiny(snr_gamma=-1.0)
+
+
 def test_shared_step_trains_only_the_unet(model):
     m = copy.deepcopy(model).train()
     batch = {"jpg": torch.rand(2, 16, 16, 3) * 2 - 1, "txt": torch.tensor([[1, 2], [3, 4]])}

@@ -57,3 +57,16 @@ def test_layouts_are_recognised(reference_dir):
     sd = {k: torch.empty(v[0], device="meta") for k, v in keys.items()}
     with pytest.raises(ValueError, match="inpainting"):
         detect_family(sd)
+
+
+def test_default_model_layout_is_recognised():
+    from safetensors import safe_open
+
+    from ldm.model_family import DEFAULT_MODEL_DIR
+
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), framework="pt") as f:
+        sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    fam = detect_family(sd, "my-finetune.safetensors")  # e.g. a fine-tune of the default model, no config beside it
+    assert fam.name == "sd-shapes" and fam.config == DEFAULT_MODEL_DIR / "config.yaml" and not fam.assumption
+    sd["model.diffusion_model.out.2.bias"] = torch.empty(8, device="meta")  # another small model: not it
+    assert detect_family(sd).name == "sd2-v"

@@ -14,7 +14,7 @@ from ldm.models.diffusion.dpm_solver import DiscreteVPSchedule
 from ldm.models.diffusion.sampling import DDIMGrid
 from ldm.modules.diffusionmodules.schedules import (DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights,
                                                     make_beta_schedule, make_ddim_sampling_parameters,
-                                                    make_ddim_timesteps)
+                                                    make_ddim_timesteps, min_snr_weights)
 
 NET = {"target": "torch.nn.Identity"}  # the schedule does not depend on the network
 
@@ -162,3 +162,19 @@ def test_given_betas_and_bad_schedule():
     assert model.num_timesteps == 3 and torch.allclose(model.betas, torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="beta schedule"):
         tiny_ddpm(beta_schedule="quadratic")
+
+
+def test_min_snr_weights_are_one_x0_space_weighting():
+    """eps, x0 and v losses weighted by min_snr_weights all equal min(SNR, gamma) times the x0 error."""
+    acp = torch.tensor(ddpm_schedule(make_beta_schedule("linear", 1000, 0.00085, 0.012), 0.0)["alphas_cumprod"])
+    snr = acp / (1 - acp)
+    x0_error_scale = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}  # network loss / x0 loss
+    for name, scale in x0_error_scale.items():
+        weights = min_snr_weights(acp, name, 5.0)
+        torch.testing.assert_close(weights * scale, torch.clamp(snr, max=5.0))
+    v = min_snr_weights(acp, "v", 5.0)
+    assert v.argmax() == int((snr - 5.0).abs().argmin()) and float(v.max()) == pytest.approx(5 / 6, rel=1e-2)
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        min_snr_weights(acp, "v", 0.0)
+    with pytest.raises(ValueError, match="unknown parameterization"):
+        min_snr_weights(acp, "score", 5.0)

@@ -1,7 +1,8 @@
 """The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
 
-data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> export. Every stage writes
-its outputs into the work folder and is skipped when they are already there, so an interrupted run continues.
+data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> its min-SNR second stage
+-> export. Every stage writes its outputs into the work folder and is skipped when they are already there, so an
+interrupted run continues.
 The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in subprocesses.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Recipe:
     ae_steps: int = 1200
     ae_full_steps: int = 400
     unet_steps: int = 5000
+    finetune_steps: int = 5000  # second diffusion stage (ldm-finetune.yaml) from the first one's EMA; 0 skips it
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
@@ -174,14 +176,30 @@ def cache_latents(recipe: Recipe, clip: Path, autoencoder: Path) -> tuple[Path, 
     return cache, init, recorded["scale_factor"]
 
 
+def _diffusion_overrides(recipe: Recipe, cache: Path, init: Path, scale: float, steps: int) -> list[str]:
+    return [f"model.params.ckpt_path={init}", f"model.params.scale_factor={scale:.6f}",
+            f"data.params.train.params.path={cache}", f"trainer.max_steps={steps}",
+            f"model.params.scheduler_config.params.cycle_lengths=[{steps}]",
+            f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}",
+            f"trainer.checkpoint_every_n_steps={max(1, steps // 4)}"]
+
+
 def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Path:
     """LatentDiffusion training on the cached latents; returns the EMA inference weights."""
-    overrides = [f"model.params.ckpt_path={init}", f"model.params.scale_factor={scale:.6f}",
-                 f"data.params.train.params.path={cache}", f"trainer.max_steps={recipe.unet_steps}",
-                 f"model.params.scheduler_config.params.cycle_lengths=[{recipe.unet_steps}]",
-                 f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}",
-                 f"trainer.checkpoint_every_n_steps={max(1, recipe.unet_steps // 4)}"]
-    checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"], overrides, recipe.unet_procs)
+    checkpoints = _trainer_run(recipe, "diffusion", [CONFIG_DIR / "ldm-train.yaml"],
+                               _diffusion_overrides(recipe, cache, init, scale, recipe.unet_steps), recipe.unet_procs)
+    return checkpoints / "last-ema.safetensors"
+
+
+def finetune_diffusion(recipe: Recipe, cache: Path, ema: Path, scale: float) -> Path:
+    """Second stage (ldm-finetune.yaml: min-SNR weighting) from the first stage's EMA weights; returns its EMA
+    weights, or ``ema`` unchanged when ``finetune_steps`` is 0."""
+    if recipe.finetune_steps <= 0:
+        return ema
+    checkpoints = _trainer_run(recipe, "diffusion-finetune",
+                               [CONFIG_DIR / "ldm-train.yaml", CONFIG_DIR / "ldm-finetune.yaml"],
+                               _diffusion_overrides(recipe, cache, ema, scale, recipe.finetune_steps),
+                               recipe.unet_procs)
     return checkpoints / "last-ema.safetensors"
 
 
@@ -210,6 +228,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     clip, autoencoder = pretrain(recipe)
     cache, init, scale = _timed(recipe, "latents", cache_latents, recipe, clip, autoencoder)
     ema = _timed(recipe, "diffusion", train_diffusion, recipe, cache, init, scale)
+    ema = _timed(recipe, "finetune", finetune_diffusion, recipe, cache, ema, scale)
     _timed(recipe, "export", export, recipe, ema, clip, scale)
     recipe.timings["total"] = round(time.time() - start, 1)
     (recipe.workdir / "timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")

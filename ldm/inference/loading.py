@@ -11,11 +11,11 @@ import torch
 
 from ldm.checkpoint import CheckpointError, load_weights, read_checkpoint
 from ldm.inference.errors import UsageError
+from ldm.model_family import DEFAULT_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
-# The model the scripts use when neither --ckpt nor --config is given (shipped with the project).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "ldm" / "sd-shapes"
+# The model the scripts use when neither --ckpt nor --config is given (shipped with the project): DEFAULT_MODEL_DIR.
 DEFAULT_CONFIG_NAME = "config.yaml"
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
 DEFAULT_MODEL_PROMPT = "a red circle on a blue background"  # suits the default model

@@ -23,7 +23,8 @@ from ldm.models.diffusion.process import DiffusionProcess
 from ldm.models.diffusion.training import conditioning_dropout, load_checkpoint_into, make_optimizer
 from ldm.models.diffusion.variance import VarianceType, check_output_channels
 from ldm.models.diffusion.wrapper import DiffusionWrapper, disabled_train, freeze  # noqa: F401 (original names)
-from ldm.modules.diffusionmodules.schedules import DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights, make_beta_schedule
+from ldm.modules.diffusionmodules.schedules import (DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights,
+                                                    make_beta_schedule, min_snr_weights)
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, instantiate_from_config
 
@@ -54,7 +55,7 @@ class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
                  ucg_training: Mapping[str, Mapping[str, Any]] | None = None, reset_ema: bool = False,
                  reset_num_ema_updates: bool = False, model_var_type: str = "fixed_small", lambda_vlb: float = 1e-3,
                  cond_stage_config: Mapping[str, Any] | str | None = None, cond_stage_key: str | None = None,
-                 cond_stage_trainable: bool = False, **unknown: Any) -> None:
+                 cond_stage_trainable: bool = False, snr_gamma: float | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown constructor argument(s) {sorted(unknown)}; "
@@ -82,6 +83,7 @@ class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
         self.scheduler_config = scheduler_config
         self.v_posterior, self.original_elbo_weight = v_posterior, original_elbo_weight
         self.l_simple_weight, self.loss_type = l_simple_weight, loss_type
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         if monitor is not None:
             self.monitor = monitor
         self.make_it_fit = make_it_fit
@@ -137,6 +139,10 @@ class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
         if torch.isnan(weights).all():
             raise ValueError("the variational-bound weights are all NaN: check the beta schedule")
         self.register_buffer("lvlb_weights", weights.to(device), persistent=False)
+        if getattr(self, "snr_gamma", None) is not None:
+            snr_weights = min_snr_weights(torch.tensor(schedule["alphas_cumprod"], dtype=torch.float32),
+                                          self.parameterization, self.snr_gamma)
+            self.register_buffer("snr_weights", snr_weights.to(device), persistent=False)
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:

@@ -5,6 +5,8 @@
 * ``hybrid``: the ``l2`` loss plus ``lambda_vlb * T * L_t``, where L_t is the variational-bound term at the
   sampled t (bits/dim) computed with the mean output detached, so it trains only the learned variance; with
   lambda_vlb = 0.001 this is Improved DDPM's ``L_simple + 0.001 L_vlb`` (the bound's T terms estimated by T L_t).
+* ``snr_gamma`` (not in the original): the simple loss is weighted per sample by Min-SNR-gamma
+  (``schedules.min_snr_weights``) before the logvar term; ``loss_simple`` is still logged unweighted.
 * ``vlb``: the bound alone, ``T * L_t`` (mean and variance both trained by it).
 
 Keys of the loss dict: ``<train|val>/loss_simple``, ``/loss_vlb`` (the original's reweighted simple loss),
@@ -70,7 +72,8 @@ class DiffusionObjective:
         loss_simple = mean_flat(self.get_loss(mean_out, target, mean=False))
         loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
         logvar_t = self.logvar.to(x_start.device)[t]
-        loss = loss_simple / torch.exp(logvar_t) + logvar_t
+        weighted = loss_simple * self.snr_weights[t] if getattr(self, "snr_gamma", None) is not None else loss_simple
+        loss = weighted / torch.exp(logvar_t) + logvar_t
         if self.learn_logvar:
             loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
             loss_dict["logvar"] = self.logvar.data.mean()

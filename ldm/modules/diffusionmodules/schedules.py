@@ -166,3 +166,22 @@ def lvlb_weights(schedule: dict[str, np.ndarray], parameterization: str) -> torc
     if len(weights) > 1:
         weights[0] = weights[1]
     return weights
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, parameterization: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights [T] (Hang et al. 2023) for the simple loss of an eps, x0 or v network.
+
+    The x0-space weight is ``min(SNR, gamma)``; the network's own loss is already ``SNR`` (eps) or ``SNR + 1`` (v)
+    times the x0 error, so the weight applied to it is ``min(SNR, gamma) / SNR`` or ``min(SNR, gamma) / (SNR + 1)``.
+    """
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive (5 is the usual choice), got {gamma}")
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    if parameterization == "eps":
+        return clipped / snr
+    if parameterization == "x0":
+        return clipped
+    if parameterization == "v":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unknown parameterization '{parameterization}'; choose eps, x0 or v")
