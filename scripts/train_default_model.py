@@ -38,8 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ae_full_steps", type=int, default=d.ae_full_steps,
                    help="autoencoder steps on whole 256x256 pictures")
     p.add_argument("--unet_steps", type=int, default=d.unet_steps)
-    p.add_argument("--finetune_steps", type=int, default=d.finetune_steps,
-                   help=f"second diffusion stage with min-SNR weighting (default {d.finetune_steps}; 0 skips it)")
+    p.add_argument("--finetune_steps", type=int, nargs="*", default=list(d.finetune_steps),
+                   help="steps of each min-SNR fine-tuning round after the first diffusion stage (default "
+                        f"{' '.join(map(str, d.finetune_steps))}; none given: no rounds)")
     p.add_argument("--unet_procs", type=int, default=d.unet_procs,
                    help=f"data-parallel processes for the UNet (torchrun; default {d.unet_procs}; 1 on one GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
-                    unet_steps=args.unet_steps, finetune_steps=args.finetune_steps, unet_procs=args.unet_procs,
+                    unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps), unet_procs=args.unet_procs,
                     device=args.device, threads=args.threads, parallel=not args.sequential, seed=args.seed)
     timings = run(recipe)
     logger.info("default model written to %s; seconds per stage: %s", recipe.out_dir, json.dumps(timings))

@@ -185,22 +185,26 @@ def test_evaluate_refuses_to_overwrite_results(tmp_path, capsys):
     assert script.parse_args(["--out", str(tmp_path / "new.json")]).out == tmp_path / "new.json"
 
 
-def test_recipe_second_stage_starts_from_the_first_stages_ema(tmp_path, monkeypatch):
+def test_recipe_finetuning_rounds_chain_the_ema_weights(tmp_path, monkeypatch):
     from ldm.default_model import recipe as rec
 
     calls = []
     monkeypatch.setattr(rec, "_trainer_run", lambda r, name, base, overrides, procs=1:
                         calls.append((name, base, overrides, procs)) or tmp_path / name / "checkpoints")
-    r = rec.Recipe(workdir=tmp_path, out_dir=tmp_path / "out", finetune_steps=0)
+    r = rec.Recipe(workdir=tmp_path, out_dir=tmp_path / "out", finetune_steps=())
     first = tmp_path / "diffusion" / "checkpoints" / "last-ema.safetensors"
     assert rec.finetune_diffusion(r, tmp_path / "latents.safetensors", first, 0.25) == first and calls == []
-    r.finetune_steps = 800
+    r.finetune_steps = (800, 300)
     ema = rec.finetune_diffusion(r, tmp_path / "latents.safetensors", first, 0.25)
-    assert ema == tmp_path / "diffusion-finetune" / "checkpoints" / "last-ema.safetensors"
-    (name, base, overrides, procs), = calls
-    assert name == "diffusion-finetune" and procs == r.unet_procs
-    assert [b.name for b in base] == ["ldm-train.yaml", "ldm-finetune.yaml"]
-    assert f"model.params.ckpt_path={first}" in overrides and "trainer.max_steps=800" in overrides
-    assert "model.params.scheduler_config.params.cycle_lengths=[800]" in overrides
+    assert ema == tmp_path / "diffusion-finetune2" / "checkpoints" / "last-ema.safetensors"
+    assert [c[0] for c in calls] == ["diffusion-finetune", "diffusion-finetune2"]
+    for (_, base, overrides, procs), start, steps in zip(calls, [first, tmp_path / "diffusion-finetune" /
+                                                                 "checkpoints" / "last-ema.safetensors"], [800, 300]):
+        assert procs == r.unet_procs and [b.name for b in base] == ["ldm-train.yaml", "ldm-finetune.yaml"]
+        assert f"model.params.ckpt_path={start}" in overrides and f"trainer.max_steps={steps}" in overrides
+        assert f"model.params.scheduler_config.params.cycle_lengths=[{steps}]" in overrides
     overlay = OmegaConf.load(CONFIG_DIR / "ldm-finetune.yaml").model.params
     assert overlay.reset_ema is True and overlay.snr_gamma > 0  # an EMA-only start needs a fresh EMA
+    r.finetune_steps = (0,)
+    with pytest.raises(ValueError, match="positive"):
+        rec.finetune_diffusion(r, tmp_path / "latents.safetensors", first, 0.25)

@@ -1,9 +1,8 @@
 """The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
 
-data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> its min-SNR second stage
--> export. Every stage writes its outputs into the work folder and is skipped when they are already there, so an
-interrupted run continues.
-The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in subprocesses.
+data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> min-SNR fine-tuning
+rounds -> export. Every stage writes its outputs into the work folder and is skipped when they are already there,
+so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in subprocesses.
 """
 from __future__ import annotations
 
@@ -39,7 +38,9 @@ class Recipe:
     ae_steps: int = 1200
     ae_full_steps: int = 400
     unet_steps: int = 5000
-    finetune_steps: int = 5000  # second diffusion stage (ldm-finetune.yaml) from the first one's EMA; 0 skips it
+    # min-SNR rounds after the first diffusion stage (ldm-finetune.yaml), each from the previous round's EMA with a
+    # fresh optimizer and learning-rate cycle; () skips them
+    finetune_steps: tuple[int, ...] = (5000, 2500)
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
@@ -192,15 +193,16 @@ def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Pa
 
 
 def finetune_diffusion(recipe: Recipe, cache: Path, ema: Path, scale: float) -> Path:
-    """Second stage (ldm-finetune.yaml: min-SNR weighting) from the first stage's EMA weights; returns its EMA
-    weights, or ``ema`` unchanged when ``finetune_steps`` is 0."""
-    if recipe.finetune_steps <= 0:
-        return ema
-    checkpoints = _trainer_run(recipe, "diffusion-finetune",
-                               [CONFIG_DIR / "ldm-train.yaml", CONFIG_DIR / "ldm-finetune.yaml"],
-                               _diffusion_overrides(recipe, cache, ema, scale, recipe.finetune_steps),
-                               recipe.unet_procs)
-    return checkpoints / "last-ema.safetensors"
+    """The min-SNR rounds (ldm-finetune.yaml), each started from the previous EMA weights; returns the last
+    round's EMA weights, or ``ema`` unchanged when ``finetune_steps`` is empty."""
+    for i, steps in enumerate(recipe.finetune_steps):
+        if steps <= 0:
+            raise ValueError(f"finetune_steps must be positive step counts, got {recipe.finetune_steps}")
+        name = "diffusion-finetune" if i == 0 else f"diffusion-finetune{i + 1}"
+        checkpoints = _trainer_run(recipe, name, [CONFIG_DIR / "ldm-train.yaml", CONFIG_DIR / "ldm-finetune.yaml"],
+                                   _diffusion_overrides(recipe, cache, ema, scale, steps), recipe.unet_procs)
+        ema = checkpoints / "last-ema.safetensors"
+    return ema
 
 
 def export(recipe: Recipe, ema: Path, clip: Path, scale: float) -> Path:
