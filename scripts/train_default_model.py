@@ -1,11 +1,11 @@
 """Retrain the embedded default model (models/ldm/sd-shapes) from nothing, with the project's own code.
 
-    python scripts/train_default_model.py                       # CPU: about 94 min on 2 cores
+    python scripts/train_default_model.py                       # CPU: about 3 h 15 min on 2 cores
     python scripts/train_default_model.py --device cuda --threads 0
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
-latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py) -> export of config.yaml and
-EMA-only model.safetensors. Outputs of finished stages in --workdir are reused when the command is run again.
+latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
+from its EMA weights -> export of config.yaml and EMA-only model.safetensors. Outputs of finished stages in --workdir are reused when the command is run again.
 """
 from __future__ import annotations
 
