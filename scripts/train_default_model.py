@@ -5,7 +5,8 @@
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
 latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
-from its EMA weights -> export of config.yaml and EMA-only model.safetensors. Outputs of finished stages in --workdir are reused when the command is run again.
+from its EMA weights -> export of config.yaml and EMA-only model.safetensors. Outputs of finished stages in
+--workdir are reused when the command is run again.
 """
 from __future__ import annotations
 

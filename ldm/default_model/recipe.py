@@ -2,7 +2,8 @@
 
 data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> min-SNR fine-tuning
 rounds -> export. Every stage writes its outputs into the work folder and is skipped when they are already there,
-so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in subprocesses.
+so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer
+(scripts/train.py) in subprocesses.
 """
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
         if torch.isnan(weights).all():
             raise ValueError("the variational-bound weights are all NaN: check the beta schedule")
         self.register_buffer("lvlb_weights", weights.to(device), persistent=False)
-        if getattr(self, "snr_gamma", None) is not None:
+        if self.snr_gamma is not None:
             snr_weights = min_snr_weights(torch.tensor(schedule["alphas_cumprod"], dtype=torch.float32),
                                           self.parameterization, self.snr_gamma)
             self.register_buffer("snr_weights", snr_weights.to(device), persistent=False)

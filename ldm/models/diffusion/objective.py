@@ -45,6 +45,7 @@ class DiffusionObjective:
     loss_type: str
     model_var_type: VarianceType
     lambda_vlb: float
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting of the simple loss (buffer ``snr_weights``) when set
 
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
         """l1 error for loss_type l1, else squared error; averaged when ``mean`` else elementwise."""
@@ -72,7 +73,7 @@ class DiffusionObjective:
         loss_simple = mean_flat(self.get_loss(mean_out, target, mean=False))
         loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
         logvar_t = self.logvar.to(x_start.device)[t]
-        weighted = loss_simple * self.snr_weights[t] if getattr(self, "snr_gamma", None) is not None else loss_simple
+        weighted = loss_simple if self.snr_gamma is None else loss_simple * self.snr_weights[t]
         loss = weighted / torch.exp(logvar_t) + logvar_t
         if self.learn_logvar:
             loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
