@@ -14,8 +14,8 @@ from PIL import Image
 
 from ldm.inference.errors import UsageError
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters, parse_parameters
-from ldm.inference.outputs import (OutputWriter, check_writable, make_grid, next_number, read_parameters, reserve,
-                                   write_png)
+from ldm.inference.outputs import (OutputWriter, check_writable, make_grid, next_number, read_parameters,
+                                   save_numbered, write_png)
 
 
 def params(**kw) -> ImageParameters:
@@ -68,21 +68,27 @@ def test_next_number_follows_existing_files_with_gaps(tmp_path: Path):
     assert next_number(tmp_path, "grid-") == 4
 
 
-def test_reserve_never_reuses_an_existing_name(tmp_path: Path):
+def test_save_numbered_never_reuses_an_existing_name(tmp_path: Path):
     (tmp_path / "00002.png").write_bytes(b"old")
-    first = reserve(tmp_path, "", 5, start=1)
-    second = reserve(tmp_path, "", 5, start=1)
+    image = Image.new("RGB", (4, 4))
+    first = save_numbered(image, tmp_path, "", 5, start=1)
+    second = save_numbered(image, tmp_path, "", 5, start=1)
     assert (first.name, second.name) == ("00001.png", "00003.png")
     assert (tmp_path / "00002.png").read_bytes() == b"old"
+    assert save_numbered(image, tmp_path, "", 5).name == "00004.png"  # default: after the highest number
 
 
 def test_write_png_is_atomic_and_carries_parameters(tmp_path: Path):
-    path = reserve(tmp_path, "", 5)
+    path = tmp_path / "00000.png"
     write_png(Image.new("RGB", (4, 4), (10, 20, 30)), path, "prompt\nSteps: 1, Sampler: DDIM, Seed: 1")
     assert read_parameters(path) == "prompt\nSteps: 1, Sampler: DDIM, Seed: 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]  # no temporary file left behind
     with Image.open(path) as image:
         assert image.getpixel((0, 0)) == (10, 20, 30)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_png(Image.new("RGB", (4, 4)), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]
 
 
 def test_failed_write_gives_the_reserved_name_back(tmp_path: Path):

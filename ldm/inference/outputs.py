@@ -1,14 +1,18 @@
 """Writing results as the original scripts lay them out (``samples/NNNNN.png``, ``grid-NNNN.png``), but safely.
 
-Numbers continue after the files already there; each name is reserved with ``O_CREAT | O_EXCL`` before the image
-is written to a temporary file and renamed over it, so two runs writing into one folder at once never overwrite
-each other's (or older) files, and no reader ever sees a half-written PNG.
+Each image is encoded into a private temporary file (created exclusively, never through a link, under an
+unpredictable hidden name) and then hard-linked to the first free number: ``os.link`` fails rather than replace an
+existing name, so two runs writing into one folder at once never overwrite each other's (or older, or planted)
+files, and a final name only ever appears with a complete PNG behind it, even if the process is killed midway.
+Numbers continue after the files already there.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +29,12 @@ GRID_DIGITS = 4
 GRID_PREFIX = "grid-"
 PARAMETERS_KEY = "parameters"  # the PNG text chunk the common web UIs read
 _MAX_TRIES = 100_000
+_TEMP_TRIES = 100
+_TEMP_SUFFIX = ".tmp"
+# ``link()`` errors of file systems without hard links (FAT/exFAT, some network shares): fall back to reserving.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0))
 
 
 def _numbers(folder: Path, prefix: str) -> list[int]:
@@ -42,37 +52,97 @@ def next_number(folder: Path, prefix: str = "") -> int:
     return max(_numbers(folder, prefix), default=-1) + 1
 
 
-def reserve(folder: Path, prefix: str, digits: int, start: Optional[int] = None, suffix: str = ".png") -> Path:
-    """Create (empty, exclusively) the first free ``<prefix><number><suffix>`` from ``start`` on; returns it.
+def temp_name() -> str:
+    """An unpredictable hidden file name for a private temporary file (``.<32 hex digits>.tmp``)."""
+    return f".{secrets.token_hex(16)}{_TEMP_SUFFIX}"
 
-    ``O_CREAT | O_EXCL`` makes the reservation atomic: concurrent callers, in this or other processes, get
-    different names, and an existing file is never reused.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    number = next_number(folder, prefix) if start is None else start
-    for _ in range(_MAX_TRIES):
-        path = folder / f"{prefix}{number:0{digits}d}{suffix}"
+
+def _create_private(folder: Path) -> tuple[int, Path]:
+    """(descriptor, path) of a new empty file in ``folder``; ``O_CREAT | O_EXCL`` never opens an existing file or
+    follows a planted link, so a name that is taken is simply skipped."""
+    for _ in range(_TEMP_TRIES):
+        path = folder / temp_name()
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return path
+            return os.open(path, _CREATE_FLAGS, 0o666), path
         except FileExistsError:
-            number = max(number + 1, next_number(folder, prefix))
-    raise OSError(f"could not find a free file name in '{folder}' after {_MAX_TRIES} tries")
+            continue
+    raise FileExistsError(errno.EEXIST, f"could not create a temporary file in '{folder}' after {_TEMP_TRIES} "
+                                        f"tries", str(folder))
 
 
-def write_png(image: Image.Image, path: Path, parameters: Optional[str] = None) -> None:
-    """Write ``image`` to the (reserved) ``path`` atomically, with a ``parameters`` text chunk when given."""
+def write_private(image: Image.Image, folder: Path, parameters: Optional[str] = None) -> Path:
+    """``image`` as a complete PNG (``parameters`` text chunk when given) in a new private temporary file in
+    ``folder``, flushed to disk; nothing is left behind if encoding fails or is interrupted."""
     info = None
     if parameters is not None:
         info = PngInfo()
         info.add_text(PARAMETERS_KEY, parameters)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = _create_private(folder)
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Give the file ``src`` the new name ``dst`` as well; FileExistsError if ``dst`` exists (even as a link)."""
+    kwargs = {"follow_symlinks": False} if os.link in os.supports_follow_symlinks else {}
+    try:
+        os.link(src, dst, **kwargs)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here: reserve the name exclusively, then move the complete file onto the reservation.
+        os.close(os.open(dst, _CREATE_FLAGS, 0o666))
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
+
+
+def publish(tmp: Path, folder: Path, prefix: str, digits: int, start: Optional[int] = None,
+            suffix: str = ".png") -> Path:
+    """Link the complete file ``tmp`` to the first free ``<prefix><number><suffix>`` in ``folder`` from ``start``
+    on (default: after the numbers already there), retrying with the next number when a name is taken; removes
+    ``tmp`` in any case and returns the final path."""
+    number = next_number(folder, prefix) if start is None else start
+    try:
+        for _ in range(_MAX_TRIES):
+            path = folder / f"{prefix}{number:0{digits}d}{suffix}"
+            try:
+                _link(tmp, path)
+                return path
+            except FileExistsError:
+                number = max(number + 1, next_number(folder, prefix))
+        raise OSError(f"could not find a free file name in '{folder}' after {_MAX_TRIES} tries")
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def save_numbered(image: Image.Image, folder: Path, prefix: str, digits: int, parameters: Optional[str] = None,
+                  start: Optional[int] = None) -> Path:
+    """Write ``image`` as the first free ``<prefix><number>.png`` in ``folder`` (created if needed); the name
+    appears only once the PNG is complete, and no existing file is ever replaced. Returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return publish(write_private(image, folder, parameters), folder, prefix, digits, start)
+
+
+def write_png(image: Image.Image, path: Path, parameters: Optional[str] = None) -> None:
+    """Write ``image`` to the new file ``path`` atomically, with a ``parameters`` text chunk when given;
+    FileExistsError (and nothing written) if ``path`` exists already."""
+    tmp = write_private(image, path.parent, parameters)
+    try:
+        _link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_parameters(path: str | os.PathLike) -> Optional[str]:
@@ -139,24 +209,19 @@ class OutputWriter:
         """Write one image as ``samples/NNNNN.png`` (unless samples are skipped); returns its path."""
         if not self.save_samples:
             return None
-        path = reserve(self.sample_dir, "", SAMPLE_DIGITS, start=self._next_sample)
+        path = save_numbered(self._mark(image), self.sample_dir, "", SAMPLE_DIGITS, parameters,
+                             start=self._next_sample)
         self._next_sample = int(path.stem) + 1
-        self._write(self._mark(image), path, parameters)
-        return path
+        return self._record(path)
 
     def grid(self, images: Sequence[Image.Image], parameters: Optional[str]) -> Optional[Path]:
         """Write all ``images`` as ``grid-NNNN.png`` in ``outdir`` (unless grids are skipped); returns its path."""
         if not self.save_grid or not images:
             return None
-        path = reserve(self.outdir, GRID_PREFIX, GRID_DIGITS)
-        self._write(self._mark(make_grid(images, self.n_rows)), path, parameters)
-        return path
+        image = self._mark(make_grid(images, self.n_rows))
+        return self._record(save_numbered(image, self.outdir, GRID_PREFIX, GRID_DIGITS, parameters))
 
-    def _write(self, image: Image.Image, path: Path, parameters: Optional[str]) -> None:
-        try:
-            write_png(image, path, parameters)
-        except BaseException:
-            path.unlink(missing_ok=True)  # give the reserved name back
-            raise
+    def _record(self, path: Path) -> Path:
         self.written.append(path)
         logger.debug("wrote %s", path)
+        return path
