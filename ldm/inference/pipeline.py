@@ -100,33 +100,55 @@ def choose_precision(device: str, precision: str, bf16: bool) -> Precision:
 
 
 def warn_truncated(model: Any, prompts: Sequence[str], warned: set) -> None:
-    """Warn once per prompt about the words the text encoder drops past its token limit."""
+    """Log once per prompt: how many 75-token chunks a long prompt takes, or (for an encoder that cannot chunk)
+    the words it drops past its token limit."""
     encoder = getattr(model, "cond_stage_model", None)
-    dropped_words = getattr(encoder, "dropped_words", None)
-    if dropped_words is None:
-        return
     for prompt in dict.fromkeys(prompts):
         if prompt in warned:
             continue
         warned.add(prompt)
-        dropped = dropped_words(prompt)
+        if _chunks_prompts(model):
+            chunks = len(encoder.prompt_chunks(prompt, _embeddings(encoder)))
+            if chunks > 1:
+                logger.info("long prompt: encoded as %d chunks of %d tokens (%d positions): \"%s\"", chunks,
+                            encoder.chunk_spec().length, chunks * (encoder.chunk_spec().length + 2), prompt)
+            continue
+        dropped = encoder.dropped_words(prompt) if callable(getattr(encoder, "dropped_words", None)) else ""
         if dropped:
             limit = getattr(encoder, "max_length", 77)
             logger.warning("prompt longer than the text encoder's %d tokens; these words are ignored: \"%s\"",
                            limit, dropped)
 
 
+def _chunks_prompts(model: Any) -> bool:
+    """True when the model's text encoder takes long, weighted prompts (``encode_prompts``)."""
+    encoder = getattr(model, "cond_stage_model", None)
+    return (getattr(model, "cond_stage_forward", None) is None and callable(getattr(encoder, "encode_prompts", None))
+            and bool(getattr(encoder, "supports_prompt_chunks", False)))
+
+
+def _embeddings(encoder: Any) -> Any:
+    """The textual-inversion embeddings the prompts can name (None: none)."""
+    return None
+
+
 def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
                  warned: set) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(cond, uncond) [B, 77, width] for a job; uncond (the negative prompt) is None when scale is 1.
+    """(cond, uncond) [B, k * 77, width] for a job; uncond (the negative prompt) is None when scale is 1.
 
-    Each distinct text (a batch repeats its prompt; the negative prompt serves every image) is encoded once, in
-    one text-encoder call, and the rows are gathered from there.
+    Prompts are read in the web UI's syntax (long prompts in 75-token chunks, ``(weights)``, ``BREAK``); every
+    text of the job is encoded in one text-encoder call and padded to the same number of chunks k, so cond and
+    uncond fit into one guidance batch. Each distinct text (a batch repeats its prompt; the negative prompt serves
+    every image) is encoded once and the rows are gathered from there.
     """
     warn_truncated(model, list(job.prompts) + ([negative_prompt] if negative_prompt else []), warned)
     texts = list(job.prompts) + ([negative_prompt] if scale != 1.0 else [])
     unique = list(dict.fromkeys(texts))
-    encoded = model.get_learned_conditioning(unique)
+    if _chunks_prompts(model):
+        encoder = model.cond_stage_model
+        encoded = encoder.encode_prompts(unique, _embeddings(encoder))
+    else:
+        encoded = model.get_learned_conditioning(unique)
     if not torch.is_tensor(encoded) or encoded.shape[0] != len(unique):  # not a row-per-text conditioning
         cond = model.get_learned_conditioning(list(job.prompts))
         uncond = model.get_learned_conditioning(len(job.prompts) * [negative_prompt]) if scale != 1.0 else None
@@ -243,9 +265,9 @@ def decode(model: Any, latents: torch.Tensor, precision: Precision) -> torch.Ten
         _upcast_autoencoder(model)
         with torch.autocast(precision.device_type, enabled=False):
             x = model.decode_first_stage(latents.float())
-    if not torch.isfinite(x).all():
-        logger.warning("the decoded images contain NaN/inf values even in float32; they are shown as black")
-        x = torch.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
+    from ldm.inference.limits import check_finite
+
+    check_finite(x, "the decoded images", reduced=False)  # an error, never a black picture
     return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -264,17 +286,53 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
-def load_init_image(path: Any, factor: int, width: Optional[int] = None,
-                    height: Optional[int] = None) -> Image.Image:
-    """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor."""
+@contextlib.contextmanager
+def _own_size_limits() -> Iterator[None]:
+    """Pillow's global decompression-bomb check off for a while: the caller applies ``limits`` itself."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as image:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB version of an image; 16-bit, 32-bit integer and float grey images are scaled to 8 bits first."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if image.mode.startswith("I;16") or 255 < top <= 65535:
+            values = values / 257.0  # 16-bit (PNG) range
+        elif image.mode == "F" and top <= 1.0:
+            values = values * 255.0  # float in [0, 1]
+        elif top > 65535:
+            values = values * (255.0 / top)
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_init_image(path: Any, factor: int, width: Optional[int] = None, height: Optional[int] = None,
+                    allow_large: bool = False) -> Image.Image:
+    """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor.
+
+    Its size is checked from the file's header before any pixel is decoded (``limits``; ``allow_large`` skips).
+    """
+    from ldm.inference import limits
+
+    try:
+        with _own_size_limits(), Image.open(path) as image:
+            w, h = image.size
+            target = (width or w - w % factor, height or h - h % factor)
+            if w * h > limits.MAX_READ_PIXELS and not allow_large:
+                raise UsageError(f"--init-img '{path}' is {w}x{h} pixels, too large to read (the limit is "
+                                 f"{limits.MAX_READ_PIXELS / 1e6:.0f} megapixels): make it smaller first, or pass "
+                                 f"{limits.OVERRIDE}")
+            limits.check_size(*target, allow_large, what=f"the picture from --init-img '{path}' ({w}x{h})")
             image.load()
-            image = image.convert("RGB")
+            image = _rgb(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"--init-img: cannot read '{path}' as an image ({e}); give a PNG or JPEG file") from None
-    w, h = image.size
-    target = (width or w - w % factor, height or h - h % factor)
     if min(target) < factor:
         raise UsageError(f"--init-img '{path}' is {w}x{h} pixels; it needs at least {factor} pixels per side "
                          f"(or pass --W/--H to resize it)")

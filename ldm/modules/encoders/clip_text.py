@@ -182,10 +182,12 @@ class CLIPTextEmbeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0))
         self.register_load_state_dict_pre_hook(fill_position_ids)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embed ``input_ids`` [B, L] (L <= max_position_embeddings)."""
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embed ``input_ids`` [B, L] (L <= max_position_embeddings); ``inputs_embeds`` [B, L, D] replaces the
+        token embeddings when given."""
         positions = self.position_ids[:, : input_ids.shape[-1]]
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -199,9 +201,10 @@ class CLIPTextTransformer(nn.Module):
                                    config.num_attention_heads, config.hidden_act, config.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, input_ids: torch.Tensor,
+                inputs_embeds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(last_hidden_state [B, L, D] after final_layer_norm, hidden states list of num_layers + 1 [B, L, D])."""
-        states = self.encoder(self.embeddings(input_ids), causal=True)
+        states = self.encoder(self.embeddings(input_ids, inputs_embeds), causal=True)
         return self.final_layer_norm(states[-1]), states
 
 
@@ -217,9 +220,10 @@ class CLIPTextModel(nn.Module):
         """The architecture this model was built with."""
         return self.text_model.config
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, input_ids: torch.Tensor,
+                inputs_embeds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(last_hidden_state [B, L, D], hidden states); see ``CLIPTextTransformer.forward``."""
-        return self.text_model(input_ids)
+        return self.text_model(input_ids, inputs_embeds)
 
     def pooled(self, input_ids: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
         """HF ``pooler_output``: the state at the end-of-text token (the largest id): [B, D]."""

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ldm.modules.encoders.clip_text import CLIPTextModel, load_text_config
-from ldm.modules.encoders.tokenizer import Prompts, open_clip_tokenize, sd1_tokenize, truncated_text
+from ldm.modules.encoders.prompt_chunks import Chunk, ChunkSpec, Placed, encode_chunks, place_vectors, prompt_chunks
+from ldm.modules.encoders.tokenizer import (COMMA_TOKEN, EOT_TOKEN, SOT_TOKEN, Prompts, as_list, hf_bpe_ids,
+                                            open_clip_bpe_ids, open_clip_tokenize, sd1_tokenize, truncated_text)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,40 @@ class _FrozenTextEncoder(AbstractEncoder):
             param.requires_grad = False
 
     def encode(self, text: Prompts) -> torch.Tensor:
-        """Conditioning [B, 77, width] for a prompt or a list of prompts."""
+        """Conditioning [B, 77, width] for a prompt or a list of prompts (plain text, cut at 77 tokens)."""
         return self(text)
+
+    @property
+    def supports_prompt_chunks(self) -> bool:
+        """Whether ``encode_prompts`` gives per-token features (long and weighted prompts)."""
+        return True
+
+    def chunk_spec(self) -> ChunkSpec:
+        """Token ids and chunk size of this encoder's prompt chunks."""
+        raise NotImplementedError
+
+    def bpe_ids(self, text: str) -> list[int]:
+        """BPE ids of ``text`` as this encoder's tokenizer makes them (no start/end tokens)."""
+        raise NotImplementedError
+
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[list[list[Placed]]] = None) -> torch.Tensor:
+        """Token ids [N, L] (textual-inversion vectors placed per row) -> features [N, L, width]."""
+        raise NotImplementedError
+
+    def prompt_chunks(self, prompt: str, embeddings: Any = None) -> list[Chunk]:
+        """The 75-token chunks of a prompt in web-UI syntax; ``embeddings`` (an ``EmbeddingLibrary``) or None."""
+        find = embeddings.finder(self.bpe_ids, self.token_width) if embeddings is not None else None
+        return prompt_chunks(prompt, self.bpe_ids, self.chunk_spec(), find)
+
+    def encode_prompts(self, text: Prompts, embeddings: Any = None) -> torch.Tensor:
+        """Conditioning [B, k * 77, width] of long / weighted / BREAK prompts, all padded to the same k chunks.
+
+        A prompt without weights and within 75 tokens gives exactly ``encode``'s result.
+        """
+        if not self.supports_prompt_chunks:
+            return self.encode(text)
+        batch = [self.prompt_chunks(prompt, embeddings) for prompt in as_list(text)]
+        return encode_chunks(self, batch, self.chunk_spec())
 
 
 class FrozenCLIPEmbedder(_FrozenTextEncoder):
@@ -85,6 +119,33 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
     def dropped_words(self, text: str) -> str:
         """The end of ``text`` that truncation to ``max_length`` tokens removes ('' when it fits)."""
         return truncated_text(text, self.max_length, "hf")
+
+    @property
+    def supports_prompt_chunks(self) -> bool:
+        """Per-token layers chunk long prompts; the 'pooled' layer (one vector) does not."""
+        return self.layer != "pooled"
+
+    @property
+    def token_width(self) -> int:
+        """Width of the token embeddings (of textual-inversion vectors)."""
+        return self.transformer.text_model.embeddings.token_embedding.weight.shape[1]
+
+    def chunk_spec(self) -> ChunkSpec:
+        """SD 1 chunks: start, 75 tokens, end, padded with the end token."""
+        return ChunkSpec(SOT_TOKEN, EOT_TOKEN, EOT_TOKEN, COMMA_TOKEN, self.max_length - 2)
+
+    def bpe_ids(self, text: str) -> list[int]:
+        """BPE ids as transformers' CLIPTokenizer makes them."""
+        return hf_bpe_ids(text)
+
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[list[list[Placed]]] = None) -> torch.Tensor:
+        """Token ids [N, L] -> hidden states [N, L, hidden] of layer 'last' or 'hidden' (vectors placed per row)."""
+        tokens = tokens.to(self.device)
+        embeds = None
+        if vectors:
+            embeds = place_vectors(self.transformer.text_model.embeddings.token_embedding(tokens), vectors)
+        last, states = self.transformer(tokens, inputs_embeds=embeds)
+        return last if self.layer == "last" else states[self.layer_idx]
 
     def forward(self, text: Prompts) -> torch.Tensor:
         """Hidden states [B, max_length, hidden] (or [B, 1, hidden] for layer 'pooled')."""
@@ -177,13 +238,36 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         """The end of ``text`` that truncation to the context length removes ('' when it fits)."""
         return truncated_text(text, self.max_length, "open_clip")
 
+    @property
+    def token_width(self) -> int:
+        """Width of the token embeddings (of textual-inversion vectors)."""
+        return self.model.token_embedding.weight.shape[1]
+
+    def chunk_spec(self) -> ChunkSpec:
+        """SD 2 chunks: start, 75 tokens, end, padded with 0 after the end token (as ``open_clip.tokenize``)."""
+        return ChunkSpec(SOT_TOKEN, EOT_TOKEN, 0, COMMA_TOKEN, self.max_length - 2)
+
+    def bpe_ids(self, text: str) -> list[int]:
+        """BPE ids as ``open_clip.tokenize`` makes them."""
+        return open_clip_bpe_ids(text)
+
+    def encode_tokens(self, tokens: torch.Tensor, vectors: Optional[list[list[Placed]]] = None) -> torch.Tensor:
+        """Token ids [N, L] -> features [N, L, width] (vectors placed per row)."""
+        tokens = tokens.to(self.device)
+        embeds = place_vectors(self.model.token_embedding(tokens), vectors) if vectors else None
+        return self.encode_with_transformer(tokens, embeds)
+
     def forward(self, text: Prompts) -> torch.Tensor:
         """Text features [B, 77, width] after ``ln_final``."""
         return self.encode_with_transformer(self.tokenize(text).to(self.device))
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, L] -> features [B, L, width] (embeddings, blocks up to ``layer``, ln_final)."""
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
+    def encode_with_transformer(self, tokens: torch.Tensor,
+                                token_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens [B, L] -> features [B, L, width] (embeddings, blocks up to ``layer``, ln_final); ``token_embeds``
+        [B, L, width] replaces the token embeddings when given."""
+        if token_embeds is None:
+            token_embeds = self.model.token_embedding(tokens)
+        x = token_embeds + self.model.positional_embedding[: tokens.shape[1]]
         length = tokens.shape[1]
         mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         x = self.text_transformer_forward(x, attn_mask=mask)

@@ -13,6 +13,7 @@ import torch
 
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
+COMMA_TOKEN = 267  # ",</w>"
 
 Prompts = Union[str, Sequence[str]]
 
