@@ -83,6 +83,12 @@ def _check_file(path: str | os.PathLike) -> Path:
                               f".ckpt file).")
     if p.is_dir():
         raise CheckpointError(f"'{p}' is a folder, not a checkpoint file: point to the .safetensors/.ckpt inside it.")
+    if not p.is_file():
+        raise CheckpointError(f"'{p}' is not a regular file (a device, pipe or socket): pass a .safetensors or .ckpt "
+                              f"file.")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint '{p}': it is empty (0 bytes), so the download or copy did not "
+                              f"finish; get the file again.")
     return p
 
 
@@ -117,7 +123,8 @@ def _read_pickle(p: Path) -> Any:
             f"could execute code ({detail}). If you trust the file, convert it to .safetensors with a tool you "
             f"trust, then load that.") from None
     except (EOFError, RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint '{p}': {e}. The file may be truncated or not a PyTorch "
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else f"{type(e).__name__}: the file ends too early"
+        raise CheckpointError(f"cannot read checkpoint '{p}': {reason}. The file may be truncated or not a PyTorch "
                               f"checkpoint; download or export it again.") from None
 
 
@@ -130,7 +137,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         try:
             return load_file(str(p), device="cpu"), {}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file '{p}': {e}. The file may be truncated.") from None
+            reason = str(e).strip() or type(e).__name__
+            raise CheckpointError(f"cannot read safetensors file '{p}': {reason}. The file may be truncated.") from None
     obj = _read_pickle(p)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"'{p}' holds a {type(obj).__name__}, not a state_dict: it is not a model checkpoint.")
@@ -186,6 +194,7 @@ class LoadReport:
 
     used_ema: bool = False
     ignored: list[str] = field(default_factory=list)
+    had_both: bool = False  # the checkpoint held raw and EMA UNet weights, and one set was chosen
 
 
 def _first(keys: Iterable[str], n: int = 5) -> str:
@@ -193,27 +202,73 @@ def _first(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def damaged_tensors(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
+                    source: str = "checkpoint") -> str | None:
+    """One line naming the tensors that would load as garbage, or None: a non-float tensor (int8, bool...) where
+    the model has float weights (it would be cast silently), or a float tensor holding NaN/inf values."""
+    wrong_type, not_finite = [], []
+    for k, model_t in model_sd.items():
+        t = sd.get(k)
+        if t is None or t.device.type == "meta" or tuple(t.shape) != tuple(model_t.shape):
+            continue
+        if model_t.is_floating_point() and not t.is_floating_point():
+            wrong_type.append(f"{k} ({str(t.dtype).replace('torch.', '')})")
+        elif t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            not_finite.append(k)
+    parts = []
+    if wrong_type:
+        parts.append(f"{len(wrong_type)} tensors are not floating point where the model has float weights "
+                     f"(first: {_first(wrong_type, 3)})")
+    if not_finite:
+        parts.append(f"{len(not_finite)} tensors hold NaN/inf values (first: {_first(not_finite, 3)})")
+    if not parts:
+        return None
+    return (f"the {source} is damaged: {'; '.join(parts)}. It would make black or noise pictures; get or convert "
+            f"the file again.")
+
+
 def mismatch_message(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
                      source: str = "checkpoint", target: str = "model") -> str | None:
-    """Readable report of missing / unexpected / wrong-shape keys with a hint, or None when they fit."""
+    """One readable line on missing / unexpected / wrong-shape keys with a hint (full lists at DEBUG level), or
+    on damaged tensors (:func:`damaged_tensors`); None when ``sd`` fits ``model_sd``."""
     missing = [k for k in model_sd if k not in sd and k not in IGNORABLE_MISSING]
     unexpected = [k for k in sd if k not in model_sd and k not in IGNORABLE_UNEXPECTED]
     shapes = [f"{k}: {source} {list(sd[k].shape)} vs {target} {list(model_sd[k].shape)}"
               for k in model_sd if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
     if not (missing or unexpected or shapes):
-        return None
-    lines = [f"the {source} does not fit the {target}:"]
+        return damaged_tensors(model_sd, sd, source)
+    logger.debug("%s vs %s: missing %s; unexpected %s; wrong shapes %s", source, target, missing, unexpected, shapes)
+    parts = []
     if missing:
-        lines.append(f"  {len(missing)} missing keys, e.g. {_first(missing)}")
+        parts.append(f"{len(missing)} missing keys (first: {_first(missing, 3)})")
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys, e.g. {_first(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected keys (first: {_first(unexpected, 3)})")
     if shapes:
-        lines.append(f"  {len(shapes)} keys with the wrong shape, e.g. {_first(shapes, 3)}")
+        parts.append(f"{len(shapes)} keys with the wrong shape (first: {_first(shapes, 2)})")
     from ldm.model_family import describe_mismatch_hint
     hint = describe_mismatch_hint(sd, model_sd)
-    if hint:
-        lines.append(f"hint: {hint}")
-    return "\n".join(lines)
+    return f"the {source} does not fit the {target}: {'; '.join(parts)}" + (f". Hint: {hint}" if hint else "")
+
+
+def drop_training_ema(model: torch.nn.Module) -> bool:
+    """Remove the model's own EMA copy (``use_ema: true`` in a training config) so it runs one set of weights.
+
+    For inference: :func:`load_weights` then puts the chosen set (EMA or raw) under ``model.*``. Returns True
+    when there was one.
+    """
+    if not isinstance(getattr(model, "model_ema", None), torch.nn.Module):
+        return False
+    del model.model_ema
+    model.use_ema = False
+    return True
+
+
+def _training_only_keys(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> set[str]:
+    """Model keys of training-only modules the checkpoint leaves out: the autoencoder's ``loss.*`` (discriminator,
+    LPIPS), which inference exports drop."""
+    if any(k.startswith("loss.") for k in sd):
+        return set()
+    return {k for k in model_sd if k.startswith("loss.")}
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool | None = None,
@@ -222,12 +277,16 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
 
     Full checkpoints carry both raw (``model.*``) and EMA (``model_ema.*``) UNet weights. A model that has its own
     ``model_ema`` (training) receives both as they are; otherwise the chosen set is put under ``model.*``.
+    An autoencoder's training-only ``loss.*`` weights may be absent from ``sd`` (inference exports).
     """
     model_sd = model.state_dict()
+    skipped = _training_only_keys(model_sd, sd)
+    model_sd = {k: v for k, v in model_sd.items() if k not in skipped}
     report = LoadReport()
     model_has_ema = any(k.startswith(EMA_PREFIX) for k in model_sd)
     if not model_has_ema and has_ema(sd):
         want = True if use_ema is None else use_ema
+        report.had_both = True
         if want:
             sd = apply_ema(sd)
             report.used_ema = True
@@ -242,7 +301,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     report.ignored = [k for k in sd if k not in model_sd]
     sd = {k: v for k, v in sd.items() if k in model_sd}
     result = model.load_state_dict(sd, strict=False)
-    still_missing = [k for k in result.missing_keys if k not in IGNORABLE_MISSING]
+    still_missing = [k for k in result.missing_keys if k not in IGNORABLE_MISSING and k not in skipped]
     if still_missing:  # pragma: no cover - mismatch_message catches these first
         raise CheckpointError(f"missing keys after loading: {_first(still_missing)}")
     if report.ignored:
@@ -260,6 +319,7 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, use_ema:
         cfg = cfg["model"]
     model = instantiate_from_config(cfg)
     if ckpt is not None:
+        drop_training_ema(model)  # a training config's use_ema: the checkpoint's weights are chosen below
         sd = load_state_dict_file(ckpt)
         load_weights(model, sd, use_ema=use_ema, source=f"checkpoint '{Path(ckpt).name}'")
         del sd

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ldm.checkpoint import CheckpointError, load_weights, read_checkpoint
+from ldm.checkpoint import CheckpointError, drop_training_ema, load_weights, read_checkpoint
 from ldm.inference.errors import UsageError
 from ldm.model_family import DEFAULT_MODEL_DIR
 
@@ -80,7 +80,8 @@ def infer_config(ckpt: Path) -> tuple[Path, Optional[dict[str, torch.Tensor]]]:
     """Config for a checkpoint given without --config: ``<ckpt>.yaml`` beside it, else the family of its keys."""
     sidecar = ckpt.with_suffix(".yaml")
     if sidecar.is_file():
-        logger.info("using the config beside the checkpoint: %s", sidecar)
+        logger.info("config: using %s, found beside the checkpoint (its targets are checked before use; "
+                    "--config PATH chooses another)", sidecar)
         return sidecar, None
     from ldm.model_family import detect_family
 
@@ -106,8 +107,11 @@ def resolve_source(ckpt: Optional[Path], config: Optional[Path],
     return ModelSource(config, ckpt, ckpt.stem, state_dict=state_dict)
 
 
-def read_config(path: Path) -> Any:
-    """The OmegaConf config at ``path`` with a ``model:`` section holding a ``target:``; UsageError otherwise."""
+def read_config(path: Path, allow_unsafe: bool = False) -> Any:
+    """The OmegaConf config at ``path`` with a ``model:`` section holding a ``target:``; UsageError otherwise.
+
+    Every ``target`` in the file must pass ``ldm.config_policy`` (checked before anything is imported or built)
+    unless ``allow_unsafe`` (the user's ``--unsafe_config``)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -121,7 +125,24 @@ def read_config(path: Path) -> Any:
     if not isinstance(model, Mapping) or "target" not in model:
         raise UsageError(f"config '{path}' has no 'model:' section with a 'target:'; pass a model config such as "
                          f"configs/stable-diffusion/v1-inference.yaml")
+    _apply_policy(config, path, allow_unsafe)
     return config
+
+
+def _apply_policy(config: Any, path: Path, allow_unsafe: bool) -> None:
+    """UsageError when ``config`` names a target outside ``ldm.config_policy``; with ``allow_unsafe``, a warning."""
+    from ldm import config_policy
+
+    if allow_unsafe:
+        outside = config_policy.outside_policy(config)
+        if outside:
+            logger.warning("%s: config '%s' builds targets outside this project's classes, which can run any "
+                           "code: %s", config_policy.OPT_IN_FLAG, path, ", ".join(outside))
+        return
+    try:
+        config_policy.check_config(config, str(path))
+    except config_policy.UnsafeConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def model_geometry(config: Any, path: Path) -> ModelGeometry:
@@ -167,10 +188,18 @@ def load_model(source: ModelSource, config: Any, use_ema: Optional[bool], vae: O
                device: str) -> torch.nn.Module:
     """Build the model of ``config``, load the checkpoint (and VAE) strictly, move it to ``device``; eval mode."""
     model = build_model(config, source.config_path)
+    drop_training_ema(model)  # a training config's use_ema: true; the checkpoint's weights are chosen below
     state_dict = source.state_dict
     if state_dict is None:
         state_dict, _ = read_checkpoint(source.ckpt_path)
-    load_weights(model, state_dict, use_ema=use_ema, source=f"checkpoint '{source.ckpt_path.name}'")
+    report = load_weights(model, state_dict, use_ema=use_ema, source=f"checkpoint '{source.ckpt_path.name}'")
+    name = source.ckpt_path.name
+    if report.had_both:
+        logger.info("'%s' holds raw and EMA weights: using the %s", name, "EMA weights (--no_ema for the raw "
+                    "ones)" if report.used_ema else "raw (non-EMA) weights (--use_ema for the EMA ones)")
+    elif use_ema is not None:
+        logger.warning("'%s' holds one set of weights: --%s has nothing to choose from, using the weights it has",
+                       name, "use_ema" if use_ema else "no_ema")
     source.state_dict = None
     del state_dict
     if vae is not None:

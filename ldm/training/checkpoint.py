@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -37,7 +38,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """An unpredictable temporary name beside ``path`` (created exclusively by the callers: no planted links)."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
 @contextlib.contextmanager
@@ -49,7 +51,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        if tmp.exists():
+        if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
 
 
@@ -60,10 +62,36 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as tmp, open(tmp, "wb") as f:
+    with _replacing(path) as tmp, open(tmp, "xb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename); mode 0644 under the usual umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save_safetensors(sd: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """``sd`` as safetensors at ``path``, atomically, with the mode of the checkpoints (not safetensors' 0600)."""
+    from safetensors.torch import save_file
+
+    from ldm.training.export import file_mode
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as tmp:
+        open(tmp, "xb").close()  # created exclusively: a planted link cannot redirect the write
+        save_file(tensors, str(tmp), metadata=dict(metadata))
+        os.chmod(tmp, file_mode())  # safetensors writes 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def atomic_link(src: Path, dst: Path) -> None:
@@ -72,9 +100,10 @@ def atomic_link(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -91,26 +120,38 @@ def step_checkpoints(folder: Path) -> list[Path]:
 
 
 def prune(folder: Path, keep: int | None) -> None:
-    """Keep only the newest ``keep`` step-numbered checkpoints (all when ``keep`` is None)."""
+    """Keep only the newest ``keep`` step-numbered checkpoints (and their configs; all when ``keep`` is None)."""
     if keep is None or keep <= 0:
         return
     for p in step_checkpoints(folder)[:-keep]:
         p.unlink(missing_ok=True)
+        p.with_suffix(".yaml").unlink(missing_ok=True)
 
 
 def write_checkpoint(obj: Mapping[str, Any], folder: Path, step: int, numbered: bool,
-                     keep: int | None = None) -> Path:
-    """Write ``obj`` as ``last.ckpt`` (and ``step-N.ckpt`` when ``numbered``), atomically; returns the path."""
+                     keep: int | None = None, config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``obj`` as ``last.ckpt`` (and ``step-N.ckpt`` when ``numbered``), atomically; returns the path.
+
+    ``config`` (an inference config) is written beside each file as ``<name>.yaml`` for the generation scripts.
+    """
+    from ldm.training.export import write_inference_config
+
     folder.mkdir(parents=True, exist_ok=True)
     last = folder / LAST
+    written = [last]
     if numbered:
         target = folder / step_name(step)
         atomic_save(obj, target)
         atomic_link(target, last)
-        prune(folder, keep)
-        return target
-    atomic_save(obj, last)
-    return last
+        written.append(target)
+    else:
+        atomic_save(obj, last)
+        target = last
+    if config is not None:
+        for path in written:
+            write_inference_config(config, path)
+    prune(folder, keep if numbered else None)
+    return target
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -185,14 +226,34 @@ def inference_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in out.items() if not k.startswith("loss.")}
 
 
-def export_ema(ckpt_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], out: str | os.PathLike) -> Path:
-    """Write the EMA-only inference weights of a training checkpoint as ``.safetensors`` (atomically)."""
-    from ldm.checkpoint import save_safetensors
+def export_ema(ckpt_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], out: str | os.PathLike,
+               config: Mapping[str, Any] | None = None, force: bool = False) -> Path:
+    """Write the EMA-only inference weights of a training checkpoint as ``.safetensors`` (atomically), with
+    ``<out>.yaml`` beside it: ``config``, else the inference config made from the checkpoint's own config.
 
-    sd = ckpt_or_sd if isinstance(ckpt_or_sd, Mapping) else read_training_checkpoint(ckpt_or_sd)["state_dict"]
-    flat = inference_state_dict(sd)
+    An existing ``out`` (or its ``.yaml``) is replaced only with ``force``: FileExistsError otherwise.
+    """
+    from ldm.checkpoint import has_ema
+    from ldm.training.export import inference_config, sidecar_path, write_inference_config
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(flat, out, metadata={"format": "pt", "source": "ldm training (EMA weights)"})
-    logger.info("wrote %d tensors of inference weights to %s", len(flat), out)
+    if not force:
+        for path in (out, sidecar_path(out)):
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(f"'{path}' already exists; choose another output name or pass --force to "
+                                      f"replace it")
+    if isinstance(ckpt_or_sd, Mapping):
+        sd = ckpt_or_sd
+    else:
+        ckpt = read_training_checkpoint(ckpt_or_sd)
+        sd = ckpt["state_dict"]
+        if config is None and isinstance(ckpt.get("config"), Mapping):
+            config = inference_config(ckpt["config"])
+    flat = inference_state_dict(sd)
+    source = "EMA weights" if has_ema(sd) else "weights"
+    atomic_save_safetensors(flat, out, metadata={"format": "pt", "source": f"ldm training ({source})"})
+    logger.info("wrote %d tensors of inference %s to %s", len(flat), source, out)
+    if config is not None:
+        logger.info("wrote its inference config %s", write_inference_config(config, out))
     return out
+

@@ -19,6 +19,7 @@ from ldm.training.config import (TrainerSettings, base_learning_rate, check_comp
                                  model_config, settings_dict, trainer_settings)
 from ldm.training.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                       gather_objects)
+from ldm.training.export import inference_config
 from ldm.training.images import save_grids
 from ldm.training.metrics import MeanAccumulator, MetricsLogger
 from ldm.training.optim import Precision
@@ -78,6 +79,7 @@ class Trainer:
         check_complete(cfg)
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
         self.settings = trainer_settings(cfg)
+        self.inference_config = inference_config(cfg) if ctx.is_main else None
         self.logdir, self.ckpt_dir = Path(opts.logdir), Path(opts.logdir) / "checkpoints"
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.settings.cudnn_benchmark
@@ -149,7 +151,7 @@ class Trainer:
         if state is None:
             return None
         path = ckpt_io.write_checkpoint(state, self.ckpt_dir, self.step, numbered,
-                                        self.settings.keep_last_n_checkpoints)
+                                        self.settings.keep_last_n_checkpoints, self.inference_config)
         logger.info("checkpoint written: %s (step %d)", path, self.step)
         return path
 
@@ -157,7 +159,7 @@ class Trainer:
         """EMA-only (or plain, without EMA) inference weights of the current model as safetensors."""
         has_ema = getattr(self.model, "use_ema", False)
         name = "last-ema.safetensors" if has_ema else "last-weights.safetensors"
-        return ckpt_io.export_ema(self.model.state_dict(), self.ckpt_dir / name)
+        return ckpt_io.export_ema(self.model.state_dict(), self.ckpt_dir / name, self.inference_config, force=True)
 
     # ----------------------------------------------------------------------------------------- loop
     def _batches(self, it: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
