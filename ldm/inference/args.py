@@ -59,6 +59,7 @@ class Options:
     fast: bool = False
     compile: str = "off"
     threads: Optional[int] = None
+    unsafe_config: bool = False
 
     @property
     def sampler_label(self) -> str:
@@ -89,6 +90,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default="autocast",
                    help="autocast: half precision on GPUs (float32 on CPU unless --bf16); full: float32")
     g.add_argument("--bf16", action="store_true", help="use bfloat16 instead of float16 under autocast")
+    g.add_argument("--unsafe_config", action="store_true",
+                   help="let the config build classes from outside this project (they can run any code); only for "
+                        "config files you trust")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
@@ -270,6 +274,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
     if ns.outdir.exists() and not ns.outdir.is_dir():
         raise UsageError(f"--outdir '{ns.outdir}' exists and is not a folder: choose another --outdir")
     return Options(
+        unsafe_config=ns.unsafe_config,
         mode=mode, prompt=ns.prompt, from_file=_check_file(ns.from_file, "--from-file", "prompt file"),
         negative_prompt=ns.negative_prompt, outdir=ns.outdir.expanduser(), steps=ns.steps, sampler=sampler,
         eta=ns.ddim_eta, n_iter=ns.n_iter, n_samples=ns.n_samples, n_rows=ns.n_rows or ns.n_samples,
