@@ -241,3 +241,20 @@ def test_training_configs_list_their_targets():
     assert config_policy.outside_policy(config) == []
     assert config_policy.outside_policy({"model": {"target": "main.DataModuleFromConfig"}}) == [
         "main.DataModuleFromConfig"]
+
+
+def test_train_logs_what_its_config_builds(tmp_path: Path):
+    from test_train_helpers import QUIET, TINY, load_train_script, make_images
+
+    make_images(tmp_path / "img", 2)
+    overrides = [f"data.params.train.params.root={tmp_path / 'img'}", "trainer.max_steps=1",
+                 "trainer.image_log_every_n_steps=0", "trainer.val_every_n_steps=0", "data.params.batch_size=2",
+                 *QUIET]
+    assert load_train_script().main(["--base", str(TINY["ae"]), "-t", "--logdir", str(tmp_path / "logs"),
+                                     *overrides]) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    lines = [line for line in (run / "train.log").read_text().splitlines() if "imports and builds" in line]
+    assert len(lines) == 1 and "INFO" in lines[0]
+    expected = config_targets(OmegaConf.load(TINY["ae"]))
+    assert "ldm.models.autoencoder.AutoencoderKL" in expected
+    assert all(target in lines[0].split("these targets: ")[1].split(", ") for target in expected)
