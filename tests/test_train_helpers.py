@@ -96,7 +96,7 @@ def test_merge_order_and_dotted_overrides(tmp_path):
 
 
 def test_bad_inputs_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ValueError, match="nope.yaml"):
         load_config([tmp_path / "nope.yaml"])
     good = tmp_path / "g.yaml"
     good.write_text("model: {target: a.B}\ndata: {}\n")
@@ -143,6 +143,7 @@ def test_cli_options_and_run_folders(tmp_path):
     (run / "configs").mkdir(parents=True)
     (run / "configs" / "2024-project.yaml").write_text("model: {}\n")
     (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     files, logdir, ckpt = script.resolve_run(script.parse_args(["--resume", str(run)]))
     assert logdir == run and ckpt == run / "checkpoints" / "last.ckpt" and files[0].name == "2024-project.yaml"
 

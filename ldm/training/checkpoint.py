@@ -155,18 +155,39 @@ def write_checkpoint(obj: Mapping[str, Any], folder: Path, step: int, numbered: 
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a full training checkpoint safely (``weights_only=True``) on the CPU."""
+    """Load a full training checkpoint safely (``weights_only=True``) on the CPU; CheckpointError in one line."""
+    import pickle
+
+    from ldm.checkpoint import CheckpointError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' not found; pass --resume LOGDIR or --resume path/to/last.ckpt")
+        raise CheckpointError(f"checkpoint '{path}' not found" + (" (it is a folder)" if path.is_dir() else "") +
+                              "; pass --resume LOGDIR or --resume LOGDIR/checkpoints/last.ckpt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to read '{path}': it holds pickled objects that are not plain data (loading "
+                              f"them could run code); resume from a checkpoint written by scripts/train.py") from None
     except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
-        raise RuntimeError(f"cannot read checkpoint '{path}': {e}. The file may be truncated or not a training "
-                           f"checkpoint; resume from another one (checkpoints/step-*.ckpt).") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise RuntimeError(f"'{path}' is not a training checkpoint (no 'state_dict' entry)")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint '{path}': {reason}. The file may be truncated or not a "
+                              f"training checkpoint; resume from another one (checkpoints/step-*.ckpt)") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"'{path}' is not a training checkpoint (no 'state_dict' entry)")
     return ckpt
+
+
+def check_resumable(ckpt: Mapping[str, Any], path: Path) -> None:
+    """CheckpointError unless ``ckpt`` holds what a resume needs (written by scripts/train.py)."""
+    from ldm.checkpoint import CheckpointError
+
+    needed = ("global_step", "optimizer_states", "lr_schedulers", "grad_scalers")
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a checkpoint of scripts/train.py (no {', '.join(missing)}), so it "
+                              f"cannot be resumed; to start a new run from its weights use --base CONFIG "
+                              f"model.params.ckpt_path={path}")
 
 
 Generator = torch.Generator | np.random.RandomState

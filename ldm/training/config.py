@@ -12,6 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 logger = logging.getLogger(__name__)
 
 
+class ConfigError(ValueError):
+    """A training config (files, overrides, values) that cannot run: one readable line naming the fix."""
+
+
 @dataclass
 class TrainerSettings:
     """The ``trainer:`` section (older configs: ``lightning.trainer`` plus the image-logger/checkpoint callbacks)."""
@@ -38,10 +42,12 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         self.precision = normalize_precision(self.precision)
-        if self.accumulate_grad_batches < 1:
-            raise ValueError("trainer.accumulate_grad_batches must be >= 1")
-        if self.max_steps < 1:
-            raise ValueError("trainer.max_steps must be >= 1")
+        for name in ("max_steps", "accumulate_grad_batches", "checkpoint_every_n_steps", "log_every_n_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("image_log_every_n_steps", "val_every_n_steps", "limit_val_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name} must be a whole number >= 0, got {getattr(self, name)!r}")
 
 
 _PRECISIONS = {"32": "32", "32-true": "32", "fp32": "32", "16": "16", "16-mixed": "16", "fp16": "16",
@@ -52,7 +58,7 @@ def normalize_precision(value: Any) -> str:
     """"32", "16" or "bf16" from the spellings people use (16, "16-mixed", "fp16", "bf16-mixed", ...)."""
     key = str(value).lower()
     if key not in _PRECISIONS:
-        raise ValueError(f"unknown trainer.precision '{value}'; use 32, 16 (fp16 + GradScaler) or bf16")
+        raise ConfigError(f"unknown trainer.precision '{value}'; use 32, 16 (fp16 + GradScaler) or bf16")
     return _PRECISIONS[key]
 
 
@@ -91,27 +97,45 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
     known = {f.name for f in fields(TrainerSettings)}
     unknown = sorted(set(values) - known)
     if unknown:
-        logger.warning("trainer: ignoring unknown settings %s (known: %s)", unknown, sorted(known))
-    return TrainerSettings(**{k: v for k, v in values.items() if k in known})
+        raise ConfigError(f"unknown trainer setting(s) {', '.join('trainer.' + k for k in unknown)}; check the "
+                          f"spelling (known: {', '.join(sorted(known))})")
+    return TrainerSettings(**values)
 
 
 def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
     """Merge YAML files in order, then dotted overrides such as ``model.params.base_learning_rate=1e-4``."""
+    from omegaconf.errors import OmegaConfBaseException
+
     if not paths:
-        raise ValueError("no config given: pass --base config.yaml (several are merged in order)")
-    configs = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file '{p}' not found")
-        configs.append(OmegaConf.load(p))
+        raise ConfigError("no config given: pass --base config.yaml (several are merged in order)")
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-    cfg = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    configs = [_read_yaml(Path(p)) for p in paths]
+    try:
+        cfg = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"cannot apply the overrides {list(overrides)}: {_one_line(e)}") from None
     for section in ("model", "data"):
-        if section not in cfg:
-            raise ValueError(f"the config has no '{section}:' section (files: {[str(p) for p in paths]})")
+        if not isinstance(cfg.get(section), DictConfig):
+            raise ConfigError(f"the config has no '{section}:' section (files: {', '.join(str(p) for p in paths)})")
+    return cfg
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """One config file; ConfigError when it is missing, unreadable or not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - yaml and omegaconf errors of every kind
+        raise ConfigError(f"cannot read config '{path}': {_one_line(e)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config '{path}' is not a mapping of sections (model:, data:, trainer:)")
     return cfg
 
 
@@ -119,7 +143,7 @@ def check_complete(cfg: DictConfig) -> None:
     """Raise a ValueError naming every value still marked ``???`` (to be given on the command line)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"the config leaves {missing} unset (marked ???): give them on the command line, e.g. "
+        raise ConfigError(f"the config leaves {missing} unset (marked ???): give them on the command line, e.g. "
                          f"{missing[0]}=/path/to/...")
 
 
@@ -128,7 +152,7 @@ def base_learning_rate(cfg: DictConfig) -> float:
     for value in (cfg.model.get("base_learning_rate"), (cfg.model.get("params") or {}).get("base_learning_rate")):
         if value is not None:
             return float(value)
-    raise ValueError("no learning rate: set model.base_learning_rate (e.g. 1.0e-4)")
+    raise ConfigError("no learning rate: set model.base_learning_rate (e.g. 1.0e-4)")
 
 
 def effective_learning_rate(base_lr: float, batch_size: int, accumulate: int, world_size: int,
@@ -155,3 +179,76 @@ def model_config(cfg: DictConfig) -> dict[str, Any]:
 def settings_dict(settings: TrainerSettings) -> dict[str, Any]:
     """Plain-data view of the settings (for logs and checkpoints)."""
     return dataclasses.asdict(settings)
+
+
+def _accepted(target: str) -> set[str] | None:
+    """Keyword arguments the class or function named by ``target`` takes (None: it takes any)."""
+    import inspect
+
+    from ldm.util import get_obj_from_str
+
+    try:
+        obj = get_obj_from_str(target)
+    except ImportError as e:
+        raise ConfigError(_one_line(e)) from None
+    try:
+        sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL} - {"self"}
+
+
+def _check_section(node: DictConfig, where: str, aliases: dict[str, str]) -> None:
+    """Check one ``target``/``params`` section and the sections nested in its params."""
+    target = node.get("target")
+    params = node.get("params")
+    if not isinstance(params, DictConfig):
+        return
+    if isinstance(target, str):
+        accepted = _accepted(aliases.get(target, target))
+        unknown = sorted(set(params.keys()) - accepted) if accepted is not None else []
+        for key in list(unknown):
+            if OmegaConf.is_missing(params, key):  # e.g. an image folder's root after switching to tar shards
+                logger.info("%s.params.%s: unset (???) and not an argument of %s; dropped", where, key, target)
+                del params[key]
+                unknown.remove(key)
+        if unknown:
+            import difflib
+
+            close = [m for k in unknown for m in difflib.get_close_matches(k, sorted(accepted), n=1)]
+            hint = f"did you mean {', '.join(close)}?" if close else f"it takes {', '.join(sorted(accepted))}"
+            raise ConfigError(f"{where}.params: {target} takes no {', '.join(map(repr, unknown))} ({hint})")
+    for key in params.keys():
+        value = params._get_node(key)
+        if isinstance(value, DictConfig) and not OmegaConf.is_missing(params, key) and "target" in value:
+            _check_section(value, f"{where}.params.{key}", aliases)
+
+
+def _split_needs_support(cfg: DictConfig) -> None:
+    """``validation_fraction`` splits datasets that take ``split``; others (tar shards) get no validation set."""
+    params = cfg.data.get("params")
+    if not isinstance(params, DictConfig) or params.get("validation") is not None:
+        return
+    train = params.get("train")
+    if not params.get("validation_fraction") or not isinstance(train, DictConfig) or "target" not in train:
+        return
+    accepted = _accepted(str(train.target))
+    if accepted is not None and "split" not in accepted:
+        logger.warning("data.params.validation_fraction: %s cannot be split by a fraction, so there is no "
+                       "validation set (give data.params.validation, e.g. other shards with repeat: false)",
+                       train.target)
+        params.validation_fraction = 0.0
+
+
+def check_sections(cfg: DictConfig) -> None:
+    """Check every ``target``/``params`` of the model and data sections against its constructor (in place).
+
+    Unset (``???``) params the target does not take are dropped; any other unknown param is a ConfigError.
+    """
+    from ldm.data.datamodule import TARGET_ALIASES
+
+    _split_needs_support(cfg)
+    _check_section(cfg.model, "model", {})
+    _check_section(cfg.data, "data", dict(TARGET_ALIASES))

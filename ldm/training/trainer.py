@@ -15,14 +15,15 @@ from torch import nn
 from ldm.data.datamodule import TARGET_ALIASES, DataModuleFromConfig, DataPosition, strip_bookkeeping
 from ldm.data.sampler import mix_seed
 from ldm.training import checkpoint as ckpt_io
-from ldm.training.config import (TrainerSettings, base_learning_rate, check_complete, effective_learning_rate,
-                                 model_config, settings_dict, trainer_settings)
+from ldm.training.config import (TrainerSettings, base_learning_rate, check_complete, check_sections,
+                                 effective_learning_rate, model_config, settings_dict, trainer_settings)
 from ldm.training.distributed import (DistContext, all_reduce_mean, all_reduce_sum, broadcast_object,
                                       gather_objects)
 from ldm.training.export import inference_config
 from ldm.training.images import save_grids
 from ldm.training.metrics import MeanAccumulator, MetricsLogger
 from ldm.training.optim import Precision
+from ldm.training.stopping import StopRequest
 from ldm.training.task_autoencoder import AutoencoderTask
 from ldm.training.task_common import fork_rng
 from ldm.training.task_diffusion import DiffusionTask
@@ -76,6 +77,7 @@ class Trainer:
     """Plain-PyTorch trainer for the ``model``/``data``/``trainer`` config; one instance per process."""
 
     def __init__(self, cfg: DictConfig, opts: RunOptions, ctx: DistContext) -> None:
+        check_sections(cfg)
         check_complete(cfg)
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
         self.settings = trainer_settings(cfg)
@@ -85,14 +87,17 @@ class Trainer:
             torch.backends.cudnn.benchmark = self.settings.cudnn_benchmark
         seed_everything(opts.seed)
         self.data = build_data(cfg.data)
+        self.data.setup()  # bad data folders are reported before anything is written
         self.model = instantiate_from_config(model_config(cfg)).to(ctx.device)
         accumulate = self.settings.accumulate_grad_batches
         self.lr = effective_learning_rate(base_learning_rate(cfg), self.data.batch_size, accumulate,
                                           ctx.world_size, opts.scale_lr)
         self.model.learning_rate = self.lr
         self.step, self.resumed, self.position = 0, False, DataPosition()
+        self.interrupted: str | None = None
         state = ckpt_io.read_training_checkpoint(opts.resume) if opts.resume else None
         if state is not None:
+            ckpt_io.check_resumable(state, Path(opts.resume))
             self._load_weights(state)
         self.task = make_task(self.model, ctx, Precision(self.settings.precision, ctx.device), self.lr,
                               self.settings, cfg, opts.seed)
@@ -103,10 +108,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- resume
     def _load_weights(self, state: dict[str, Any]) -> None:
-        result = self.model.load_state_dict(state["state_dict"], strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {self.opts.resume} does not fit the model of this config: missing "
-                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        from ldm.checkpoint import CheckpointError
+
+        model_sd = self.model.state_dict()
+        sd = state["state_dict"]
+        wrong = [k for k in model_sd if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+        missing, unexpected = [k for k in model_sd if k not in sd], [k for k in sd if k not in model_sd]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"checkpoint {self.opts.resume} does not fit the model of this config: "
+                                  f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+                                  f"{unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}")
+        self.model.load_state_dict(sd)
         self.step, self.resumed = int(state["global_step"]), True
         logger.info("resuming from %s at step %d", self.opts.resume, self.step)
 
@@ -174,13 +186,36 @@ class Trainer:
         return batches
 
     def fit(self) -> dict[str, float]:
-        """Train until ``trainer.max_steps``; returns the last logged values."""
-        from tqdm.auto import tqdm
+        """Train until ``trainer.max_steps``; returns the last logged values.
 
+        SIGINT (Ctrl-C) or SIGTERM ends the current step, saves ``last.ckpt`` and returns early with
+        ``self.interrupted`` naming the signal: resuming from there is the uninterrupted run.
+        """
         s, ctx = self.settings, self.ctx
         if ctx.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temporaries(self.ckpt_dir)
+        saved_at = self.step if self.resumed else -1
+        with StopRequest() as stop:
+            last_logs, saved_at = self._loop(stop, saved_at)
+            self.interrupted = stop.signal_name if self.step < self.settings.max_steps else None
+            if saved_at != self.step:
+                self.save(numbered=not self.interrupted)
+        if self.interrupted:
+            logger.warning("stopped at step %d (%s); last.ckpt holds that step", self.step, self.interrupted)
+            return last_logs
+        if ctx.is_main and s.export_ema:
+            self.export_inference_weights()
+        for cb in self.opts.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return last_logs
+
+    def _loop(self, stop: StopRequest, saved_at: int) -> tuple[dict[str, float], int]:
+        """The optimizer steps up to ``max_steps`` or a stop request; (last logged values, last saved step)."""
+        from tqdm.auto import tqdm
+
+        s, ctx = self.settings, self.ctx
         metrics = MetricsLogger(self.logdir, self.step if self.resumed else None, s.tensorboard) \
             if ctx.is_main else None
         loader = self.data.train_loader(ctx.rank, ctx.world_size, self.opts.seed, self.position,
@@ -189,9 +224,8 @@ class Trainer:
         bar = tqdm(total=s.max_steps, initial=self.step, disable=not (ctx.is_main and s.progress_bar),
                    desc="train", unit="step", dynamic_ncols=True)
         self.task.train()
-        saved_at = self.step if self.resumed else -1
         try:
-            while self.step < s.max_steps:
+            while self.step < s.max_steps and not stop.agreed(ctx):
                 batches = self._batches(it)
                 if self.step == 0 and not self.resumed:
                     self.task.estimate_scale_factor(batches[0])
@@ -202,23 +236,11 @@ class Trainer:
                 if self.step % s.checkpoint_every_n_steps == 0 or self.step == s.max_steps:
                     self.save(numbered=True)
                     saved_at = self.step
-        except KeyboardInterrupt:
-            if not ctx.distributed and self.step != saved_at:
-                logger.warning("interrupted at step %d: writing last.ckpt", self.step)
-                self.save(numbered=False)
-            raise
         finally:
             bar.close()
             if metrics is not None:
                 metrics.close()
-        if saved_at != self.step:
-            self.save(numbered=True)
-        if ctx.is_main and s.export_ema:
-            self.export_inference_weights()
-        for cb in self.opts.callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
-        return last_logs
+        return last_logs, saved_at
 
     # ----------------------------------------------------------------------------------------- feedback
     def _after_step(self, batch: dict[str, Any], acc: MeanAccumulator, metrics: MetricsLogger | None,

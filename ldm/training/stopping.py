@@ -1,0 +1,58 @@
+"""Stopping a run cleanly: Ctrl-C (SIGINT) or SIGTERM lets the current optimizer step finish, then the trainer
+saves and returns, so the checkpoint is a state of the uninterrupted run and a resume continues it exactly."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+
+from ldm.training.distributed import DistContext, all_reduce_sum
+
+logger = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """Context manager catching SIGINT/SIGTERM during training; a second signal aborts at once (no save).
+
+    Only the main thread can install handlers; elsewhere the signals keep their default behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:  # second request: stop now, without saving
+            logger.warning("%s again: aborting without saving", name)
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signal_name = name
+        logger.warning("%s: finishing the current step, then saving last.ckpt (send it again to abort without "
+                       "saving)", name)
+
+    def agreed(self, ctx: DistContext) -> bool:
+        """True when any process was asked to stop (collective when several processes train)."""
+        if not ctx.distributed:
+            return self.signal_name is not None
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=ctx.device)
+        stop = float(all_reduce_sum(flag, ctx).item()) > 0
+        if stop and self.signal_name is None:
+            self.signal_name = "stop request of another process"
+        return stop
