@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,6 +61,7 @@ class Options:
     compile: str = "off"
     threads: Optional[int] = None
     unsafe_config: bool = False
+    allow_large: bool = False
 
     @property
     def sampler_label(self) -> str:
@@ -157,6 +159,9 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
                         "first batch pays the compilation")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core)")
+    g.add_argument("--allow_large", action="store_true",
+                   help="skip the size and memory limits (images over 16 megapixels, runs over 10,000 images, "
+                        "batches estimated not to fit into memory); the run may then fail or take very long")
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -210,11 +215,23 @@ def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
     if path is None:
         return None
     path = path.expanduser()
+    noun = what if what.endswith("file") else f"{what} file"
     if not path.exists():
         raise UsageError(f"{flag}: {what} '{path}' does not exist; check the path")
+    if path.is_dir():
+        raise UsageError(f"{flag}: '{path}' is a folder, not a {noun}; give the file itself")
     if not path.is_file():
-        raise UsageError(f"{flag}: '{path}' is a folder, not a {what} file")
+        raise UsageError(f"{flag}: '{path}' is not a regular file (a device, pipe or socket), not a {noun}; "
+                         f"give a file")
     return path
+
+
+MAX_SCALE = 50.0  # |--scale| above this only saturates the picture (the common web UIs stop at 30)
+MAX_ETA = 1.0  # DDIM's eta > 1 makes the noise larger than the remaining signal allows (NaN pictures)
+
+
+def _max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
 
 
 def _check_ranges(ns: argparse.Namespace) -> None:
@@ -231,6 +248,14 @@ def _check_ranges(ns: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {ns.seed}")
     if ns.ddim_eta < 0:
         raise UsageError(f"--ddim_eta must be >= 0, got {ns.ddim_eta}")
+    if ns.ddim_eta > MAX_ETA:
+        raise UsageError(f"--ddim_eta must be at most {MAX_ETA:g} (1: as much noise as DDPM), got {ns.ddim_eta}")
+    if abs(ns.scale) > MAX_SCALE:
+        raise UsageError(f"--scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g} (7.5 is usual; larger values "
+                         f"only saturate the picture), got {ns.scale}")
+    if ns.threads is not None and ns.threads > _max_threads():
+        raise UsageError(f"--threads {ns.threads} is more than 4 per CPU core ({os.cpu_count()} cores here): use "
+                         f"at most {_max_threads()}, or leave it out")
     if not 0.0 <= ns.strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1 (0 keeps the input image, 1 replaces it), "
                          f"got {ns.strength}")
@@ -285,7 +310,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
         safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
-        fast=ns.fast, compile=ns.compile, threads=ns.threads)
+        fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large)
 
 
 def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import accel, loading, pipeline
+from ldm.inference import accel, limits, loading, pipeline
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
@@ -99,9 +99,38 @@ def _prompts(opts: Options, source: loading.ModelSource) -> list[str]:
     return [loading.DEFAULT_MODEL_PROMPT if source.is_default else loading.ORIGINAL_DEFAULT_PROMPT]
 
 
+_RUNNABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _check_device(device: str) -> None:
+    """UsageError for devices that hold no data or cannot run a model (``meta``, ``hpu`` without its backend...)."""
+    kind = torch.device(device).type
+    if kind not in _RUNNABLE_DEVICES:
+        raise UsageError(f"--device {device} cannot run a model (it holds no data or has no backend here): use "
+                         f"--device cpu or cuda")
+    if kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"--device {device} asked for, but no XPU is available: use --device cpu")
+
+
+def _check_limits(p: Plan) -> None:
+    """Image size, image count and a memory estimate of one batch (``limits``; --allow_large skips them)."""
+    o = p.opts
+    limits.check_size(p.width, p.height, o.allow_large)
+    per_iter = len(p.prompts) * o.repeat if o.from_file is not None else o.n_samples
+    limits.check_count(per_iter * o.n_iter, o.allow_large)
+    half = torch.device(o.device).type != "cpu" and (o.precision == "autocast" or o.bf16 or o.fast)
+    needed = limits.estimate_bytes(p.config, p.geometry.factor, p.width, p.height, o.n_samples, o.scale != 1.0,
+                                   2 if half else 4, o.tiled_vae, limits.file_bytes(p.source.ckpt_path))
+    limits.check_memory(needed, o.device, o.allow_large,
+                        f"a batch of {o.n_samples} image{'s' if o.n_samples != 1 else ''} of {p.width}x{p.height}")
+
+
 def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
-    """Validate the whole run (files, config, sizes, prompts, init image, output folder); loads no weights."""
+    """Validate the whole run (files, config, sizes, prompts, init image, output folder, memory); loads no
+    weights."""
+    _check_device(opts.device)
     check_writable(opts.outdir)
+    check_writable(opts.outdir / "samples")
     source = loading.resolve_source(opts.ckpt, opts.config, default_dir)
     config = loading.read_config(source.config_path)
     geometry = loading.model_geometry(config, source.config_path)
@@ -112,11 +141,13 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     prompts = _prompts(opts, source)
     init_image = None
     if opts.mode == "img2img":
-        init_image = pipeline.load_init_image(opts.init_img, f, width, height)
+        init_image = pipeline.load_init_image(opts.init_img, f, width, height, opts.allow_large)
         width, height = init_image.size
     width = width or geometry.native_pixels
     height = height or geometry.native_pixels
-    return Plan(opts, source, config, geometry, width, height, prompts, init_image)
+    p = Plan(opts, source, config, geometry, width, height, prompts, init_image)
+    _check_limits(p)
+    return p
 
 
 def _parameters(p: Plan, prompt: str, seed: int, model_hash: str) -> str:
@@ -194,8 +225,13 @@ def _save_batch(p: Plan, gen: _Generation, writer: OutputWriter, job: pipeline.J
     return first
 
 
-def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Optional[Path] = None) -> RunResult:
-    """Validate, load, generate every batch and write samples and grid; raises UsageError/CheckpointError first."""
+def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Optional[Path] = None,
+        result: Optional[RunResult] = None) -> RunResult:
+    """Validate, load, generate every batch and write samples and grid; raises UsageError/CheckpointError first.
+
+    ``result`` (optional) is filled in as images are saved, so a caller still knows what was written when the
+    run stops early (Ctrl-C, a full disk, a NaN batch: ``limits.NonFiniteResult``).
+    """
     p = plan(opts, default_dir)
     gen = _Generation(p)
     watermark = (opts.watermark_text or loading.default_watermark(p.geometry)) if opts.watermark else None
@@ -203,13 +239,15 @@ def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Opt
                           n_rows=opts.n_rows)
     jobs = pipeline.plan_jobs(p.prompts, opts.n_samples, opts.n_iter, opts.seed, opts.repeat, opts.fixed_code,
                               batch_of_copies=opts.from_file is None)
-    result, grid_images, grid_params = RunResult(), [], None
+    result = result if result is not None else RunResult()
+    grid_images, grid_params = [], None
     start = time.perf_counter()
     with progress(len(jobs), "batches") as batches:
         for job in jobs:
             steps = gen.steps_per_image * (len(job.seeds) if opts.eta else 1)  # eta > 0: image by image
             with progress(steps, "sampling") as bar:
                 latents = gen.latents(job, lambda i: bar.update(1))
+            limits.check_finite(latents, "the sampled latents", gen.precision.reduced)
             images, flags = gen.images(latents)
             params = _save_batch(p, gen, writer, job, images, flags, result)
             if not opts.skip_grid:

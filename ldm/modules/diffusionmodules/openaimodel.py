@@ -31,13 +31,17 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that passes the timestep embedding and the context to the children that take them."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Any = None) -> torch.Tensor:
-        """x [B, C, H, W], emb [B, E], context [B, M, D] (or a list of them) or None."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Any = None,
+                output_size: Sequence[int] | None = None) -> torch.Tensor:
+        """x [B, C, H, W], emb [B, E], context [B, M, D] (or a list of them) or None; ``output_size`` is the
+        spatial size an ``Upsample`` child produces (the next skip connection's; None: twice its input)."""
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
             else:
                 x = layer(x)
         return x
@@ -56,12 +60,16 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, C_out, 2H, 2W]."""
+    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C_out, 2H, 2W], or [B, C_out, *output_size] when given (odd-sized skips)."""
         if x.shape[1] != self.channels:
             raise ValueError(f"Upsample expects {self.channels} channels, got {x.shape[1]}")
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        spatial = tuple(x.shape[2:])
+        doubled = (spatial[0], *(2 * n for n in spatial[1:])) if self.dims == 3 else tuple(2 * n for n in spatial)
+        if output_size is not None and tuple(output_size) != doubled:
+            x = F.interpolate(x, tuple(output_size), mode="nearest")  # as diffusers' upsample_size
+        elif self.dims == 3:
+            x = F.interpolate(x, doubled, mode="nearest")
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -423,6 +431,7 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out.to(x.dtype)
