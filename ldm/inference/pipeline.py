@@ -128,27 +128,34 @@ def _chunks_prompts(model: Any) -> bool:
 
 
 def _embeddings(encoder: Any) -> Any:
-    """The textual-inversion embeddings the prompts can name (None: none)."""
-    return None
+    """The textual-inversion embeddings (``models/embeddings/``) that prompts can name by their file names."""
+    from ldm.modules.encoders.textual_inversion import library_for
+
+    return library_for(encoder)
 
 
 def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
                  warned: set) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(cond, uncond) [B, k * 77, width] for a job; uncond (the negative prompt) is None when scale is 1.
 
-    Prompts are read in the web UI's syntax (long prompts in 75-token chunks, ``(weights)``, ``BREAK``); every
-    text of the job is encoded in one text-encoder call and padded to the same number of chunks k, so cond and
-    uncond fit into one guidance batch. Each distinct text (a batch repeats its prompt; the negative prompt serves
-    every image) is encoded once and the rows are gathered from there.
+    Prompts are read in the web UI's syntax (long prompts in 75-token chunks, ``(weights)``, ``BREAK``, embedding
+    file names); every text of the job is encoded in one text-encoder call and padded to the same number of chunks
+    k, so cond and uncond fit into one guidance batch. Each distinct text (a batch repeats its prompt; the negative prompt serves
+    every image) is encoded once and the rows are gathered from there. A textual-inversion embedding named in a
+    prompt that cannot be used (corrupt, made for another model family) is a ``UsageError``.
     """
-    warn_truncated(model, list(job.prompts) + ([negative_prompt] if negative_prompt else []), warned)
+    from ldm.modules.encoders.textual_inversion import EmbeddingError
+
     texts = list(job.prompts) + ([negative_prompt] if scale != 1.0 else [])
     unique = list(dict.fromkeys(texts))
-    if _chunks_prompts(model):
-        encoder = model.cond_stage_model
-        encoded = encoder.encode_prompts(unique, _embeddings(encoder))
-    else:
-        encoded = model.get_learned_conditioning(unique)
+    try:
+        warn_truncated(model, list(job.prompts) + ([negative_prompt] if negative_prompt else []), warned)
+        if _chunks_prompts(model):
+            encoded = model.cond_stage_model.encode_prompts(unique, _embeddings(model.cond_stage_model))
+        else:
+            encoded = model.get_learned_conditioning(unique)
+    except EmbeddingError as e:
+        raise UsageError(str(e)) from None
     if not torch.is_tensor(encoded) or encoded.shape[0] != len(unique):  # not a row-per-text conditioning
         cond = model.get_learned_conditioning(list(job.prompts))
         uncond = model.get_learned_conditioning(len(job.prompts) * [negative_prompt]) if scale != 1.0 else None
