@@ -31,6 +31,12 @@ class UnsafeConfigError(ValueError):
     """A config names a target outside the policy (or cannot be checked); the message says which and where."""
 
 
+def _short(text: Any, limit: int = 120) -> str:
+    """``text`` on one line, cut to ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 def _in_project(module: str) -> bool:
     return any(module == p or module.startswith(p + ".") for p in PROJECT_PACKAGES)
 
@@ -50,7 +56,7 @@ def refusal(target: Any) -> Optional[str]:
     try:
         obj = getattr(importlib.import_module(module), name, None)
     except ImportError as e:
-        return f"does not exist in this project ({e})"
+        return f"does not exist in this project ({_short(e)})"
     if obj is None:
         return f"does not exist in this project (module '{module}' has no '{name}')"
     if not inspect.isclass(obj) or not _in_project(getattr(obj, "__module__", "") or ""):
@@ -86,8 +92,8 @@ def plain_tree(config: Any) -> Any:
         return config
     try:
         return OmegaConf.to_container(config, resolve=True)
-    except (OmegaConfBaseException, ValueError, TypeError) as e:
-        raise UnsafeConfigError(f"has interpolations that cannot be resolved: {e}") from None
+    except (OmegaConfBaseException, ValueError, TypeError, RecursionError) as e:
+        raise UnsafeConfigError(f"has interpolations that cannot be resolved: {_short(e, 200)}") from None
 
 
 def config_targets(config: Any) -> list[str]:
@@ -113,9 +119,9 @@ def check_config(config: Any, source: str) -> None:
         reason = refusal(target)
         if reason is not None:
             raise UnsafeConfigError(
-                f"config '{source}' names target '{target}' (at {where}), which {reason}; a config may build only "
-                f"this project's classes and {', '.join(sorted(ALLOWED_EXTERNAL))}. If you trust this file and "
-                f"want it to run its own code, pass {OPT_IN_FLAG}")
+                f"config '{source}' names target '{_short(target)}' (at {_short(where)}), which {reason}; a config "
+                f"may build only this project's classes and {', '.join(sorted(ALLOWED_EXTERNAL))}. If you trust "
+                f"this file and want it to run its own code, pass {OPT_IN_FLAG}")
 
 
 def outside_policy(config: Any) -> list[str]:

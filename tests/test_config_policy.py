@@ -258,3 +258,17 @@ def test_train_logs_what_its_config_builds(tmp_path: Path):
     expected = config_targets(OmegaConf.load(TINY["ae"]))
     assert "ldm.models.autoencoder.AutoencoderKL" in expected
     assert all(target in lines[0].split("these targets: ")[1].split(", ") for target in expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {target: torch.nn.Identity, params: {p: " + "[" * 400 + "]" * 400 + "}}\n", "is not valid YAML"),
+    ("model:\n  target: [unclosed\n  params: {}\n", "is not valid YAML"),
+    ("model: {target: '" + "a" * 5000 + "'}\n", "is not a dotted class path"),
+    ("model: {target: '${nowhere}'}\n", "cannot be resolved"),
+])
+def test_hostile_config_files_give_one_short_line(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as e:
+        loading.read_config(path)
+    assert message in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 700

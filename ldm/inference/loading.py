@@ -118,15 +118,21 @@ def read_config(path: Path, allow_unsafe: bool = False) -> Any:
     try:
         config = OmegaConf.load(path)
     except (OSError, OmegaConfBaseException, ValueError) as e:
-        raise UsageError(f"cannot read config '{path}': {e}") from None
-    except Exception as e:  # yaml.YAMLError and friends
-        raise UsageError(f"config '{path}' is not valid YAML: {e}") from None
+        raise UsageError(f"cannot read config '{path}': {_one_line(e)}") from None
+    except Exception as e:  # yaml.YAMLError, RecursionError (nested too deeply) and friends
+        raise UsageError(f"config '{path}' is not valid YAML: {_one_line(e)}") from None
     model = config.get("model") if isinstance(config, Mapping) else None
     if not isinstance(model, Mapping) or "target" not in model:
         raise UsageError(f"config '{path}' has no 'model:' section with a 'target:'; pass a model config such as "
                          f"configs/stable-diffusion/v1-inference.yaml")
     _apply_policy(config, path, allow_unsafe)
     return config
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """``error``'s message on one line, cut to ``limit`` characters (YAML errors span lines and quote keys)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _apply_policy(config: Any, path: Path, allow_unsafe: bool) -> None:
