@@ -24,7 +24,11 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
 
 
 def instantiate_from_config(config: Mapping[str, Any], **extra: Any) -> Any:
-    """Build ``config['target'](**config['params'], **extra)``; the original ``target:``/``params:`` convention."""
+    """Build ``config['target'](**config['params'], **extra)``; the original ``target:``/``params:`` convention.
+
+    It imports and calls whatever ``target`` names: a config that is not the user's own (one that came with a
+    download) must pass ``ldm.config_policy.check_config`` first, as ``ldm.inference.loading.read_config`` does.
+    """
     if "target" not in config:
         if config == "__is_first_stage__" or config == "__is_unconditional__":
             return None
