@@ -122,8 +122,13 @@ def _read_pickle(p: Path) -> Any:
             f"refusing to load '{p}': it contains pickled objects that are not plain weights, and loading them "
             f"could execute code ({detail}). If you trust the file, convert it to .safetensors with a tool you "
             f"trust, then load that.") from None
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else f"{type(e).__name__}: the file ends too early"
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in many ways (IndexError, KeyError...)
+        if not isinstance(e, (EOFError, RuntimeError, OSError, ValueError)):
+            reason = f"its bytes are not a PyTorch checkpoint ({type(e).__name__} while unpickling)"
+        elif str(e).strip():
+            reason = str(e).strip().splitlines()[0]
+        else:
+            reason = f"{type(e).__name__}: the file ends too early"
         raise CheckpointError(f"cannot read checkpoint '{p}': {reason}. The file may be truncated or not a PyTorch "
                               f"checkpoint; download or export it again.") from None
 

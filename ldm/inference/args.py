@@ -216,12 +216,13 @@ def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
         return None
     path = path.expanduser()
     noun = what if what.endswith("file") else f"{what} file"
+    noun = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
     if not path.exists():
         raise UsageError(f"{flag}: {what} '{path}' does not exist; check the path")
     if path.is_dir():
-        raise UsageError(f"{flag}: '{path}' is a folder, not a {noun}; give the file itself")
+        raise UsageError(f"{flag}: '{path}' is a folder, not {noun}; give the file itself")
     if not path.is_file():
-        raise UsageError(f"{flag}: '{path}' is not a regular file (a device, pipe or socket), not a {noun}; "
+        raise UsageError(f"{flag}: '{path}' is not a regular file (a device, pipe or socket), not {noun}; "
                          f"give a file")
     return path
 

@@ -90,7 +90,8 @@ def main(argv: Optional[Sequence[str]], mode: str) -> int:
         run(opts, progress=tqdm_progress, result=result)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one line per failure, never a traceback
         message, status = _describe(e, outdir)
-        saved = f"; {_saved(result, outdir)}" if result.n_images or status != EXIT_USAGE else ""
+        input_error = isinstance(e, (UsageError, CheckpointError))  # found before anything was written
+        saved = "" if input_error and not result.samples else f"; {_saved(result, outdir)}"
         kind = "stopped" if status == EXIT_INTERRUPTED else "error"
         print(f"{mode}.py: {kind}: {message}{saved}", file=sys.stderr)
         return status
