@@ -108,7 +108,8 @@ def encoders() -> dict:
         pytest.skip("../shared/reference is not present")
     torch.manual_seed(0)
     cfg = json.loads((REFERENCE / "SD-Tiny-Text-32.json").read_text())
-    return {"sd1": tiny_hf(REFERENCE), "sd2": FrozenOpenCLIPEmbedder(version=None, arch_config=cfg, layer="penultimate")}
+    sd2 = FrozenOpenCLIPEmbedder(version=None, arch_config=cfg, layer="penultimate")
+    return {"sd1": tiny_hf(REFERENCE), "sd2": sd2}
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
@@ -146,3 +147,29 @@ def test_txt2img_uses_embeddings_from_the_folder_and_refuses_bad_ones(tiny, tmp_
     err = capsys.readouterr().err
     assert "sd2-style" in err and "1024 wide, SD 2" in err and "Traceback" not in err
     assert not (tmp_path / "c" / "samples").exists() or not samples(tmp_path / "c")
+
+
+def test_negative_prompt_embeddings(tiny, tmp_path: Path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.inference import pipeline
+
+    monkeypatch.setattr(ti, "DEFAULT_EMBEDDINGS_DIR", tmp_path)
+    model = load_model_from_config(OmegaConf.load(tiny[0]), tiny[1])
+    job = pipeline.Job(("a circle",), (0,))
+    with torch.no_grad():
+        _, before = pipeline.conditioning(model, job, "bad-hands", 7.5, set())
+        webui_pt(tmp_path / "bad-hands.pt", torch.randn(3, 32))
+        _, after = pipeline.conditioning(model, job, "bad-hands", 7.5, set())
+    assert before.shape == after.shape and not torch.allclose(before, after)
+
+
+def test_safetensors_wins_a_shared_name_with_one_warning(tmp_path: Path, caplog):
+    webui_pt(tmp_path / "dup.pt", torch.zeros(1, 32))
+    save_file({"emb_params": torch.ones(2, 32)}, str(tmp_path / "dup.safetensors"))
+    library = ti.EmbeddingLibrary(tmp_path)
+    for _ in range(2):
+        chunk, = prompt_chunks("a dup", hf_bpe_ids, SPEC, library.finder(hf_bpe_ids, 32))
+    assert torch.equal(chunk.vectors[0][1], torch.ones(2, 32))
+    assert len([r for r in caplog.records if "share the name" in r.getMessage()]) == 1

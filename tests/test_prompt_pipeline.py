@@ -90,3 +90,9 @@ def test_txt2img_weighted_long_prompt_keeps_the_prompt_verbatim(tiny, tmp_path: 
 def test_txt2img_text_past_75_tokens_changes_the_image(tiny, tmp_path: Path):
     head = " ".join(["red"] * 75)
     assert not np.array_equal(run(tiny, tmp_path / "a", head), run(tiny, tmp_path / "b", head + " zebra giraffe"))
+
+
+@pytest.mark.parametrize("sampler", ["plms", "dpm"])
+def test_long_prompts_with_the_other_samplers(tiny, tmp_path: Path, sampler):
+    image = run(tiny, tmp_path, LONG, "--negative_prompt", "(blurry:1.2)", "--sampler", sampler)
+    assert image.shape[-1] == 3 and image.std() > 0

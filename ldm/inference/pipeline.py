@@ -140,9 +140,9 @@ def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
 
     Prompts are read in the web UI's syntax (long prompts in 75-token chunks, ``(weights)``, ``BREAK``, embedding
     file names); every text of the job is encoded in one text-encoder call and padded to the same number of chunks
-    k, so cond and uncond fit into one guidance batch. Each distinct text (a batch repeats its prompt; the negative prompt serves
-    every image) is encoded once and the rows are gathered from there. A textual-inversion embedding named in a
-    prompt that cannot be used (corrupt, made for another model family) is a ``UsageError``.
+    k, so cond and uncond fit into one guidance batch. Each distinct text (a batch repeats its prompt; the negative
+    prompt serves every image) is encoded once and the rows are gathered from there. A textual-inversion embedding
+    named in a prompt that cannot be used (corrupt, made for another model family) is a ``UsageError``.
     """
     from ldm.modules.encoders.textual_inversion import EmbeddingError
 

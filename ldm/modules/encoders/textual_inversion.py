@@ -98,31 +98,28 @@ class EmbeddingLibrary:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._scanned: Optional[float] = None
         self.paths: dict[str, Path] = {}
-        self._vectors: dict[Path, tuple[float, torch.Tensor]] = {}
+        self._vectors: dict[Path, tuple[int, torch.Tensor]] = {}
+        self._warned: set[Path] = set()
 
     def refresh(self) -> None:
-        """Rescan the folder when it changed (files added, removed or renamed)."""
-        stamp = self.folder.stat().st_mtime if self.folder.is_dir() else None
-        if stamp == self._scanned and stamp is not None:
-            return
-        self._scanned, self.paths = stamp, {}
-        files = sorted(self.folder.iterdir()) if stamp is not None else []
-        for path in sorted(files, key=lambda p: EMBEDDING_SUFFIXES.index(p.suffix.lower())
-                           if p.suffix.lower() in EMBEDDING_SUFFIXES else len(EMBEDDING_SUFFIXES)):
-            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
-                continue
+        """List the folder again (files added, removed or renamed since the last prompt are seen)."""
+        self.paths = {}
+        files = [p for p in self.folder.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file()] \
+            if self.folder.is_dir() else []
+        for path in sorted(files, key=lambda p: (EMBEDDING_SUFFIXES.index(p.suffix.lower()), p.name)):
             if path.stem in self.paths:
-                logger.warning("embeddings: '%s' and '%s' share the name '%s'; using the first",
-                               self.paths[path.stem].name, path.name, path.stem)
+                if path not in self._warned:
+                    self._warned.add(path)
+                    logger.warning("embeddings: '%s' and '%s' share the name '%s'; using the first",
+                                   self.paths[path.stem].name, path.name, path.stem)
                 continue
             self.paths[path.stem] = path
 
     def vectors(self, name: str, width: int) -> torch.Tensor:
         """Vectors [n, width] of embedding ``name``; a clear error when the file is bad or of another width."""
         path = self.paths[name]
-        stamp = path.stat().st_mtime
+        stamp = path.stat().st_mtime_ns
         cached = self._vectors.get(path)
         if cached is None or cached[0] != stamp:
             cached = (stamp, read_embedding(path))
