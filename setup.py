@@ -20,7 +20,7 @@ setup(
         "opencv-python-headless",
     ],
     extras_require={
-        "train": ["matplotlib", "webdataset"],
+        "train": ["tensorboard"],  # optional event files (trainer.tensorboard); nothing else training needs
         "test": ["pytest>=7"],
     },
 )

@@ -29,8 +29,9 @@ def test_a_few_steps_write_checkpoints_metrics_images_and_ema_export(images, tmp
                                       "trainer.limit_val_batches=1", "trainer.log_images=2"])
     run_training(cfg, tmp_path)
     ckpts = tmp_path / "checkpoints"
-    assert {p.name for p in ckpts.iterdir()} == {"last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt",
-                                                 "last-ema.safetensors"}
+    written = {"last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt", "last-ema.safetensors"}
+    configs = {n.rsplit(".", 1)[0] + ".yaml" for n in written}  # each with its inference config beside it
+    assert {p.name for p in ckpts.iterdir()} == written | configs
     ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)  # plain data only
     sd = ckpt["state_dict"]
     assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"]) == 1 and len(ckpt["rank_states"]) == 1
