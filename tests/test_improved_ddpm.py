@@ -12,7 +12,7 @@ from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.denoiser import ModelDenoiser
 from ldm.models.diffusion.objective import LOSS_TYPES
 from ldm.models.diffusion.process import DiffusionSchedule
-from ldm.models.diffusion.sampling import DDIMGrid
+from ldm.samplers.schedules import model_sigmas, respaced_sigmas
 from ldm.models.diffusion.variance import VarianceType, log_variance_bounds, model_log_variance, split_output
 from ldm.modules.diffusionmodules.schedules import make_beta_schedule, space_timesteps
 from ldm.modules.encoders.modules import ClassEmbedder
@@ -76,10 +76,10 @@ def test_respaced_schedule_keeps_alpha_bar_and_maps_timesteps():
 
 def test_ddim_grid_over_a_respaced_subset_ends_on_clean_data():
     acp = torch.tensor(np.cumprod(1 - make_beta_schedule("linear", 1000)), dtype=torch.float32)
-    grid = DDIMGrid.from_timesteps(acp, space_timesteps(1000, "ddim20"), eta=1.0)
-    assert grid.timesteps[0] == 0 and len(grid) == 20 and grid.alphas_prev[0] == 1.0
-    np.testing.assert_array_equal(grid.alphas_prev[1:], grid.alphas[:-1])
-    assert grid.sigmas[0] == 0 and (grid.sigmas[1:] > 0).all()
+    use = space_timesteps(1000, "ddim20")
+    sigmas = respaced_sigmas(acp, use)
+    assert min(use) == 0 and len(sigmas) == 21 and sigmas[-1] == 0  # the last step lands on x_0 itself
+    torch.testing.assert_close(sigmas[:-1], model_sigmas(acp)[sorted(use, reverse=True)])
 
 
 # ---------------------------------------------------------------- variance types

@@ -17,7 +17,10 @@ from ldm.data.synthetic_shapes import make_scene
 from ldm.models.diffusion.ancestral import p_sample_loop
 from ldm.models.diffusion.ddpm_tools import intermediates_strip
 from ldm.models.diffusion.process import DiffusionSchedule
-from ldm.models.diffusion.sampling import DDIMGrid, DDIMStep, sample_grid
+from ldm.samplers.denoiser import SigmaDenoiser
+from ldm.samplers.noise import gaussian_noise
+from ldm.samplers.original import sample_ddim
+from ldm.samplers.schedules import respaced_sigmas
 from ldm.modules.diffusionmodules.schedules import make_beta_schedule, space_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,7 @@ class Denoiser:
 
     def __init__(self, data: GaussianData) -> None:
         self.data, self.prediction = data, data.schedule.prediction
+        self.alphas_cumprod = data.schedule.alphas_cumprod
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: object) -> torch.Tensor:
         return self.data.denoiser(x, t, cond)
@@ -79,6 +83,15 @@ def test_ancestral_sampling_over_a_respaced_subset():
     _moments_ok(out, MU, S ** 2, sigmas=6.0)
 
 
+def _ddim(data: GaussianData, x_T: torch.Tensor, use: list[int], eta: float = 0.0,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM over the respaced subset ``use`` from the DDPM sample x_T at its highest timestep, down to x_0."""
+    sigmas = respaced_sigmas(data.schedule.alphas_cumprod, use)
+    x = x_T * (1 + float(sigmas[0]) ** 2) ** 0.5
+    return sample_ddim(SigmaDenoiser(Denoiser(data)).bind(None), x, sigmas, noise=gaussian_noise(x, generator),
+                       eta=eta)
+
+
 def _ddim_moment_errors(prediction: str, spec: str) -> tuple[float, float]:
     """(mean error, relative variance error) of DDIM (eta 0) over a respaced subset, from x_T ~ the exact marginal.
 
@@ -86,10 +99,10 @@ def _ddim_moment_errors(prediction: str, spec: str) -> tuple[float, float]:
     """
     sched = DiffusionSchedule.from_betas(make_beta_schedule("cosine", 1000), prediction)
     data = GaussianData(sched, MU, S)
-    grid = DDIMGrid.from_timesteps(sched.alphas_cumprod, space_timesteps(1000, spec))
-    out, _ = sample_grid(DDIMStep(Denoiser(data), grid), torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), None, grid)
+    use = space_timesteps(1000, spec)
+    out = _ddim(data, torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), use)
     gain, offset = (out[1] - out[0]).item(), out[0].item()
-    start = int(grid.timesteps[-1])
+    start = max(use)
     a, sigma = data.a[start].item(), data.sigma[start].item()
     return gain * a * MU + offset - MU, gain ** 2 * (a * a * S ** 2 + sigma * sigma) / S ** 2 - 1
 
@@ -107,10 +120,8 @@ def test_ddim_over_a_respaced_subset_converges_to_the_data_moments(prediction):
 def test_ddim_with_noise_reproduces_gaussian_data():
     sched = DiffusionSchedule.from_betas(make_beta_schedule("linear", 1000))
     data = GaussianData(sched, MU, S)
-    grid = DDIMGrid.from_timesteps(sched.alphas_cumprod, space_timesteps(1000, "200"), eta=1.0)
     g = torch.Generator().manual_seed(5)
-    out, _ = sample_grid(DDIMStep(Denoiser(data), grid, generator=g), data.marginal(999, (128, 1, 8, 8), g),
-                         None, grid)
+    out = _ddim(data, data.marginal(999, (128, 1, 8, 8), g), space_timesteps(1000, "200"), eta=1.0, generator=g)
     _moments_ok(out, MU, S ** 2, sigmas=5.0)
 
 

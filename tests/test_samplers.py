@@ -84,7 +84,8 @@ class GaussianModel(nn.Module):
     """Stand-in diffusion model whose data are x0 ~ N(mu, s^2) iid: its eps / x0 / v denoiser is exact.
 
     For x_t = a x0 + sigma eps: E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2) and
-    E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + sigma^2). Float timesteps interpolate log alpha.
+    E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + sigma^2). Float timesteps interpolate log sigma / alpha
+    (the samplers' convention, k-diffusion's).
     """
 
     def __init__(self, mu: float = 0.5, s: float = 1.0, parameterization: str = "eps") -> None:
@@ -95,11 +96,12 @@ class GaussianModel(nn.Module):
         self.calls: list[tuple[torch.Tensor, torch.Tensor, object]] = []
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_a = 0.5 * self.alphas_cumprod.double().log()
+        log_s = (0.5 * ((1 - self.alphas_cumprod.double()) / self.alphas_cumprod.double()).log())
         t = t.double().clamp(0, self.num_timesteps - 1)
         i = t.floor().long().clamp(max=self.num_timesteps - 2)
-        a = (log_a[i] + (t - i) * (log_a[i + 1] - log_a[i])).exp()
-        return a, (1 - a * a).sqrt()
+        s = (log_s[i] + (t - i) * (log_s[i + 1] - log_s[i])).exp()
+        a = (1 + s * s).rsqrt()
+        return a, s * a
 
     def marginal(self, t: float, n: int, generator: torch.Generator) -> torch.Tensor:
         """n x [1, 8, 8] draws of x_t at timestep t."""

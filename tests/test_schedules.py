@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.models.diffusion.dpm_solver import DiscreteVPSchedule
-from ldm.models.diffusion.sampling import DDIMGrid
+from ldm.samplers.schedules import ddim_sigmas, dpm_solver_sigmas, model_sigmas, sigma_to_t
 from ldm.modules.diffusionmodules.schedules import (DDPM_BUFFER_NAMES, ddpm_schedule, lvlb_weights,
                                                     make_beta_schedule, make_ddim_sampling_parameters,
                                                     make_ddim_timesteps, min_snr_weights)
@@ -84,13 +83,15 @@ def test_reference_dpm_solver_grid(case, n):
     p, io, check = case
     lin = p["linear"]
     acp = tiny_ddpm(timesteps=lin["n"], linear_start=lin["linear_start"], linear_end=lin["linear_end"]).alphas_cumprod
-    ns = DiscreteVPSchedule(acp)
-    t = ns.time_steps("time_uniform", ns.T, 1.0 / ns.total_N, n, torch.device("cpu"))
-    check(f"dpm_timesteps_{n}", t)
-    check(f"dpm_model_input_t_{n}", ns.model_time(t))
-    check(f"dpm_alpha_t_{n}", ns.marginal_alpha(t))
-    check(f"dpm_sigma_t_{n}", ns.marginal_std(t))
-    check(f"dpm_lambda_t_{n}", ns.marginal_lambda(t))
+    sigmas = dpm_solver_sigmas(acp, n)  # in the sigma parameterisation: sigma_t / alpha_t
+    alpha = (1 + sigmas ** 2).rsqrt()
+    check(f"dpm_alpha_t_{n}", alpha)
+    check(f"dpm_sigma_t_{n}", sigmas * alpha)
+    check(f"dpm_lambda_t_{n}", -sigmas.log())
+    # the model's fractional timestep of each level (log-sigma interpolation) is within 0.01 of the original's
+    # (t - 1/N) * 1000 (log-alpha interpolation in continuous time)
+    t = sigma_to_t(sigmas, model_sigmas(acp).log())
+    torch.testing.assert_close(t, io[f"dpm_model_input_t_{n}"].double(), atol=0.01, rtol=0)
 
 
 def test_cosine_schedule_formula():
@@ -116,8 +117,8 @@ def test_ddim_step_counts_the_original_crashes_on(steps):
     assert len(ts) == len(range(0, 1000, 1000 // steps)) - 1  # the grid point that reaches 1000 is dropped
     if 1000 % steps == 1 or steps in (3, 9, 27):
         assert len(ts) == steps
-    grid = DDIMGrid.make(tiny_ddpm().alphas_cumprod, steps, eta=1.0)
-    assert len(grid) == len(ts) and np.isfinite(grid.sigmas).all()
+    sigmas = ddim_sigmas(tiny_ddpm().alphas_cumprod, steps)
+    assert len(sigmas) == len(ts) + 1 and torch.isfinite(sigmas).all() and (sigmas.diff() < 0).all()
 
 
 @pytest.mark.parametrize("steps,count", [(10, 10), (30, 31), (11, 12), (12, 13)])

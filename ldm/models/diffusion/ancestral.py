@@ -9,20 +9,35 @@ half of learned-variance models is taken from the conditional pass.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from ldm.models.diffusion.denoiser import ModelDenoiser
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.models.diffusion.process import DiffusionSchedule
-from ldm.models.diffusion.sampling import DDIMGrid, DDIMStep, progress_iter, randn_like, sample_grid
 from ldm.models.diffusion.variance import split_output
 from ldm.modules.diffusionmodules.schedules import space_timesteps
+from ldm.samplers.denoiser import SigmaDenoiser
+from ldm.samplers.noise import gaussian_noise, randn_like
+from ldm.samplers.original import sample_ddim
+from ldm.samplers.schedules import respaced_sigmas
+from ldm.samplers.steps import StepInfo
 
 logger = logging.getLogger(__name__)
 
 Intermediates = dict[str, list[torch.Tensor]]
+
+
+def progress_iter(items: Iterable[int], enabled: bool, desc: str, total: int) -> Iterable[int]:
+    """``items`` wrapped in a tqdm progress bar when ``enabled`` (and tqdm is installed)."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return items
+    return tqdm(items, desc=desc, total=total)
 
 
 def p_sample(schedule: DiffusionSchedule, denoiser: Callable[..., torch.Tensor], x: torch.Tensor, index: int,
@@ -88,10 +103,20 @@ def sample_model(model: Any, x_T: torch.Tensor, cond: Any = None, *, method: str
                              log_every_t=every, progress=progress)
     if method != "ddim":
         raise ValueError(f"unknown sampling method '{method}'; choose ancestral or ddim")
-    grid = DDIMGrid.from_timesteps(full.alphas_cumprod, use, eta)
+    sigmas = respaced_sigmas(full.alphas_cumprod, use)
+    denoiser = SigmaDenoiser(ClassifierFreeGuidance(ModelDenoiser(model), uncond, guidance_scale))
     denoised_fn = (lambda x0: x0.clamp(-1.0, 1.0)) if clip else None
-    step = DDIMStep(ClassifierFreeGuidance(ModelDenoiser(model), uncond, guidance_scale), grid,
-                    denoised_fn=denoised_fn, generator=generator)
-    logger.info("DDIM sampling over %d respaced steps, eta %g", len(grid), eta)
-    return sample_grid(step, x_T, cond, grid, log_every_t=max(1, len(grid) // max(frames, 1)),
-                       generator=generator, progress=progress, desc="DDIM Sampler")
+    every = max(1, len(use) // max(frames, 1))
+    inter: Intermediates = {"x_inter": [x_T], "pred_x0": [x_T]}
+
+    def log(info: StepInfo) -> None:
+        index = info.total - 1 - info.i
+        if index % every == 0 or index == info.total - 1:
+            inter["x_inter"].append(info.x / (1.0 + info.sigma_next ** 2) ** 0.5)
+            inter["pred_x0"].append(info.denoised)
+
+    logger.info("DDIM sampling over %d respaced steps, eta %g", len(use), eta)
+    s0 = float(sigmas[0])
+    x = sample_ddim(denoiser.bind(cond), x_T * (1.0 + s0 * s0) ** 0.5, sigmas, callback=log,
+                    noise=gaussian_noise(x_T, generator), eta=eta, denoised_fn=denoised_fn)
+    return x, inter
