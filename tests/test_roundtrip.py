@@ -143,6 +143,19 @@ def test_autoencoder_export_as_vae_and_with_its_configs(runs, tmp_path):
                 assert torch.equal(value, full[key]), key
 
 
+def test_autoencoder_with_ema_exports_its_ema_weights(tmp_path):
+    run = _train(tmp_path, "ae", "ae-ema", "model.params.ema_decay=0.5", "model.base_learning_rate=0.01")
+    full = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    path = run / "checkpoints" / "last-ema.safetensors"
+    export = load_file(str(path))
+    key = "decoder.conv_out.weight"
+    assert torch.equal(export[key], full["model_ema." + key.replace(".", "")])
+    assert not torch.equal(export[key], full[key])
+    assert not any(k.startswith(("loss.", "model_ema.")) for k in export)
+    model = load_model_from_config(OmegaConf.load(path.with_suffix(".yaml")), path)
+    assert torch.equal(model.state_dict()[key], export[key])
+
+
 def test_exports_carry_an_inference_config_of_project_targets(runs):
     from ldm.training.export import targets
 

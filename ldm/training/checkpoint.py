@@ -240,10 +240,14 @@ def set_rng_state(state: Mapping[str, Any], extra: Mapping[str, Generator] | Non
 
 
 def inference_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flat state_dict for inference: EMA weights under ``model.*`` (when present), no ``model_ema.*``/``loss.*``."""
+    """Flat state_dict for inference: EMA weights in place of the raw ones (when present), no ``model_ema.*`` /
+    ``loss.*``. A diffusion model's EMA covers its ``model.*`` network; an autoencoder's (``ema_decay``) all of it."""
     from ldm.checkpoint import EMA_PREFIX, apply_ema, has_ema
 
-    out = apply_ema(dict(sd)) if has_ema(sd) else {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    if has_ema(sd) and any(k.startswith("model.") for k in sd):
+        out = apply_ema(dict(sd))
+    else:  # the whole model's EMA (autoencoder): model_ema.<name without dots> for each trainable parameter
+        out = {k: sd.get(EMA_PREFIX + k.replace(".", ""), v) for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
     return {k: v for k, v in out.items() if not k.startswith("loss.")}
 
 
