@@ -173,3 +173,15 @@ def test_pooled_layer_keeps_the_plain_encoding(reference_dir):
     assert not pooled.supports_prompt_chunks
     with torch.no_grad():
         assert torch.equal(pooled.encode_prompts(["a cat"]), pooled.encode(["a cat"]))
+
+
+def test_hidden_layer_and_autocast(reference_dir):
+    from test_encoders import cond_stage_weights
+
+    hidden = FrozenCLIPEmbedder(version=str(reference_dir / "hf_clip_text"), layer="hidden", layer_idx=-2)
+    hidden.load_state_dict(cond_stage_weights(reference_dir, "ldm_v1.weights.safetensors"), strict=True)
+    with torch.no_grad():
+        assert torch.equal(hidden.encode_prompts(PLAIN), hidden.encode(PLAIN))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = hidden.encode_prompts([f"(a red:1.3) circle, {words('blue', 80)}", "x"])
+    assert z.shape == (2, 154, 32) and torch.isfinite(z).all()
