@@ -39,6 +39,8 @@ def test_reads_the_three_formats(tmp_path: Path):
     assert torch.equal(ti.read_embedding(tmp_path / "a.pt"), vectors)
     assert torch.equal(ti.read_embedding(tmp_path / "b.safetensors"), vectors)
     assert torch.equal(ti.read_embedding(tmp_path / "c.bin"), vectors[:1])
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(vectors)}, "name": "d"}, tmp_path / "d.pt")  # older UI
+    assert torch.equal(ti.read_embedding(tmp_path / "d.pt"), vectors)
 
 
 class _Boom:
