@@ -77,7 +77,7 @@ def _vectors_of(data: Mapping[str, Any], path: Path) -> torch.Tensor:
 def read_embedding(path: str | Path) -> torch.Tensor:
     """Vectors [n, width] float32 (CPU) of an embedding file in the web-UI or diffusers format."""
     path = Path(path)
-    vectors = _vectors_of(_read_file(path), path).detach().to("cpu", torch.float32)
+    vectors = _vectors_of(_read_file(path), path).detach().to("cpu", torch.float32).clone()  # not file-backed
     if vectors.dim() == 1:
         vectors = vectors[None]
     if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= MAX_VECTORS or vectors.shape[1] == 0:
