@@ -96,3 +96,25 @@ def test_txt2img_text_past_75_tokens_changes_the_image(tiny, tmp_path: Path):
 def test_long_prompts_with_the_other_samplers(tiny, tmp_path: Path, sampler):
     image = run(tiny, tmp_path, LONG, "--negative_prompt", "(blurry:1.2)", "--sampler", sampler)
     assert image.shape[-1] == 3 and image.std() > 0
+
+
+def test_training_captions_are_not_parsed(model):
+    """get_learned_conditioning (training, evaluate.py) keeps plain text cut at 77 tokens."""
+    captions = ["a (red) circle [on] blue BREAK x", LONG]
+    with torch.no_grad():
+        got = model.get_learned_conditioning(captions)
+        plain = model.cond_stage_model(captions)
+    assert got.shape == (2, 77, 32) and torch.equal(got, plain)
+
+
+def test_an_encoder_that_cannot_chunk_still_warns_about_dropped_words(reference_dir, caplog):
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cond_stage_model = FrozenCLIPEmbedder(version=str(reference_dir / "hf_clip_text"), layer="pooled")
+
+    with caplog.at_level(logging.WARNING):
+        pipeline.warn_truncated(Pooled(), [" ".join(["red"] * 80) + " zebra"], set())
+    assert "zebra" in caplog.text and "ignored" in caplog.text
