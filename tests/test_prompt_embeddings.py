@@ -175,3 +175,17 @@ def test_safetensors_wins_a_shared_name_with_one_warning(tmp_path: Path, caplog)
         chunk, = prompt_chunks("a dup", hf_bpe_ids, SPEC, library.finder(hf_bpe_ids, 32))
     assert torch.equal(chunk.vectors[0][1], torch.ones(2, 32))
     assert len([r for r in caplog.records if "share the name" in r.getMessage()]) == 1
+
+
+def test_conditioning_turns_a_bad_embedding_into_a_usage_error(tiny, tmp_path: Path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.inference import pipeline
+    from ldm.inference.errors import UsageError
+
+    monkeypatch.setattr(ti, "DEFAULT_EMBEDDINGS_DIR", tmp_path)
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    model = load_model_from_config(OmegaConf.load(tiny[0]), tiny[1])
+    with pytest.raises(UsageError, match="cut.pt"), torch.no_grad():
+        pipeline.conditioning(model, pipeline.Job(("a cut circle",), (0,)), "", 7.5, set())
