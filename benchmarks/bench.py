@@ -218,6 +218,7 @@ def bench_txt2img(args: argparse.Namespace) -> list[Row]:
 def bench_default_model(args: argparse.Namespace) -> list[Row]:
     """The default model's txt2img on the CPU: 3 images, 256x256, 50 DDIM steps, guidance 7.5, fp32."""
     from ldm.inference import pipeline
+    from ldm.samplers import resolve
 
     folder = Path(args.default_model)
     if not (folder / "config.yaml").is_file() or not (folder / "model.safetensors").is_file():
@@ -225,7 +226,7 @@ def bench_default_model(args: argparse.Namespace) -> list[Row]:
         return []
     model = load_default_model(folder)
     latent, pixels = int(model.image_size), int(model.image_size) * model.first_stage_model.factor
-    sampler = pipeline.make_sampler(model, "ddim")
+    sampler = resolve("ddim")
     job = pipeline.plan_jobs(["a red circle on a blue background"], 3, 1, 42)[0]
     precision = pipeline.choose_precision("cpu", "autocast", False)
 
@@ -233,7 +234,7 @@ def bench_default_model(args: argparse.Namespace) -> list[Row]:
         gens = pipeline.generators(job.seeds)
         cond, uncond = pipeline.conditioning(model, job, "", 7.5, set())
         x_T = pipeline.draw(gens, (int(model.channels), latent, latent), "cpu")
-        latents = pipeline.sample_txt2img(sampler, x_T, cond, uncond, 50, 7.5, 0.0, gens)
+        latents = pipeline.sample_txt2img(model, sampler, x_T, cond, uncond, 50, 7.5, gens)
         return pipeline.to_numpy(pipeline.decode(model, latents, precision))
     cpu = argparse.Namespace(**{**vars(args), "device": "cpu", "warmup": 1})
     row = measure(f"default model txt2img 3x{pixels}x{pixels} 50 steps", "ours", run, cpu,

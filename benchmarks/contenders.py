@@ -68,13 +68,14 @@ def ours_txt2img(args: argparse.Namespace, latent: int) -> tuple[Any, Callable[[
     """(model, call, {"latents": last latents}) for our whole txt2img: text encoding, DDIM with guidance, decoding;
     the call returns the images [1, 3, H, W] in [0, 1]."""
     from ldm.inference import pipeline
+    from ldm.samplers import resolve
 
     params = sd_params("v1-inference", args)
     model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params})
     model = model.to(args.device).eval().requires_grad_(False)
     precision = pipeline.choose_precision(args.device, "autocast" if args.dtype != torch.float32 else "full",
                                           args.dtype == torch.bfloat16)
-    sampler = pipeline.make_sampler(model, "ddim")
+    sampler = resolve("ddim")
     job = pipeline.Job((PROMPT,), (42,))
     last: dict = {}
 
@@ -83,7 +84,7 @@ def ours_txt2img(args: argparse.Namespace, latent: int) -> tuple[Any, Callable[[
         with precision.scope():
             cond, uncond = pipeline.conditioning(model, job, "", args.scale, set())
             x_T = pipeline.draw(gens, (4, latent, latent), args.device)
-            last["latents"] = pipeline.sample_txt2img(sampler, x_T, cond, uncond, args.steps, args.scale, 0.0, gens)
+            last["latents"] = pipeline.sample_txt2img(model, sampler, x_T, cond, uncond, args.steps, args.scale, gens)
         return pipeline.decode(model, last["latents"], precision)
     return model, run, last
 

@@ -33,6 +33,7 @@ from ldm.default_model.evaluation import (Adherence, batched, clip_from_parts, c
 from ldm.checkpoint import load_weights, read_checkpoint  # noqa: E402
 from ldm.default_model.export import build  # noqa: E402
 from ldm.inference import loading, pipeline  # noqa: E402
+from ldm.samplers import resolve  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 REAL_SEED = 999  # data seed of the real pictures (the training data uses seed 0)
@@ -79,8 +80,7 @@ def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: in
     gens = pipeline.generators(seeds)
     shape = (model.channels, model.image_size, model.image_size)
     x_T = pipeline.draw(gens, shape, device)
-    latents = pipeline.sample_txt2img(pipeline.make_sampler(model, "ddim"), x_T, cond, uncond, steps, scale, 0.0,
-                                      gens)
+    latents = pipeline.sample_txt2img(model, resolve("ddim"), x_T, cond, uncond, steps, scale, gens)
     return pipeline.decode(model, latents, pipeline.choose_precision(str(device), "full", False))
 
 

@@ -65,6 +65,7 @@ def test_shipped_config_matches_the_configs_folder():
 def test_shipped_model_follows_the_prompt_in_seconds(shipped):
     """A few-step generation on the CPU is quick and draws what was asked: colour, shape and background."""
     from ldm.inference import pipeline
+    from ldm.samplers import resolve
 
     model, _ = shipped
     prompts = ["a yellow star on a purple background", "a red circle on a blue background",
@@ -75,7 +76,7 @@ def test_shipped_model_follows_the_prompt_in_seconds(shipped):
         uncond = model.get_learned_conditioning([""] * len(prompts))
         gens = pipeline.generators([0] * len(prompts))
         x_T = pipeline.draw(gens, (4, 32, 32), "cpu")
-        z = pipeline.sample_txt2img(pipeline.make_sampler(model, "ddim"), x_T, cond, uncond, 10, 7.5, 0.0, gens)
+        z = pipeline.sample_txt2img(model, resolve("ddim"), x_T, cond, uncond, 10, 7.5, gens)
         images = pipeline.decode(model, z, pipeline.choose_precision("cpu", "full", False))
     assert time.time() - start < 20
     assert images.shape == (len(prompts), 3, 256, 256)

@@ -16,6 +16,7 @@ from ldm.inference import pipeline
 from ldm.inference.metadata import parse_parameters
 from ldm.inference.outputs import read_parameters
 from ldm.modules.safety import numpy_to_pil
+from ldm.samplers import resolve
 from tiny_model import (FACTOR, PIXELS, ROOT, assert_same_image, load_script, model_args, pixels, samples,
                         write_tiny_model)
 
@@ -100,13 +101,16 @@ def test_intermediate_strength_keeps_some_of_the_init_image(tiny, tmp_path: Path
     assert not np.array_equal(results["0.5"], results["0"]) and not np.array_equal(results["0.5"], results["1"])
 
 
-@pytest.mark.parametrize("steps, strength, expected", [(10, 0.0, 0), (10, 0.75, 7), (10, 0.99, 9), (10, 1.0, 10),
-                                                       (50, 0.3, 15), (30, 1.0, 31)])
-def test_t_enc_is_int_strength_times_steps(tiny, steps: int, strength: float, expected: int):
+@pytest.mark.parametrize("sampler, steps, strength, expected", [
+    ("ddim", 10, 0.0, 0), ("ddim", 10, 0.75, 8), ("ddim", 10, 0.99, 10), ("ddim", 10, 1.0, 10),
+    ("ddim", 50, 0.3, 16), ("ddim", 30, 1.0, 31), ("euler", 20, 0.5, 11), ("DPM++ 2M Karras", 20, 0.999, 20),
+    ("dpm_2", 10, 0.5, 6)])
+def test_strength_runs_the_web_ui_tail_of_the_schedule(tiny, sampler: str, steps: int, strength: float,
+                                                       expected: int):
+    """t_enc = int(min(strength, 0.999) * steps) and sigmas[steps - t_enc - 1:] are run: t_enc + 1 steps; strength 1
+    runs the whole schedule (the DDIM grid has 31 steps for 30, as the original's uniform grid)."""
     model = load_model_from_config(OmegaConf.load(tiny[0]), tiny[1])
-    sampler = pipeline.make_sampler(model, "ddim")
-    # strength 1 runs the whole DDIM grid, which has 31 steps for 30 (the original's uniform grid)
-    assert pipeline.img2img_steps(sampler, steps, strength) == expected
+    assert pipeline.sampler_steps(model, resolve(sampler), steps, strength) == expected
 
 
 @pytest.mark.parametrize("case, message", [
@@ -116,11 +120,10 @@ def test_t_enc_is_int_strength_times_steps(tiny, steps: int, strength: float, ex
     ("missing", "does not exist"),
     ("width", "--W 33 is not a multiple of 2"),
     ("strength", "--strength must be between 0 and 1"),
-    ("plms", "only the DDIM sampler"),
 ])
 def test_user_errors_exit_2_and_write_nothing(tiny, tmp_path: Path, capsys, case: str, message: str):
     init = write_image(tmp_path / "init.png", PIXELS, PIXELS)
-    extra: list[str] = {"width": ["--W", "33"], "strength": ["--strength", "1.5"], "plms": ["--plms"]}.get(case, [])
+    extra: list[str] = {"width": ["--W", "33"], "strength": ["--strength", "1.5"], }.get(case, [])
     if case == "corrupt":
         init.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     if case == "truncated":

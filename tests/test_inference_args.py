@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.inference.args import SAMPLER_LABELS, parse_options, read_prompts, resolve_sampler
+from ldm.inference.args import parse_options, read_prompts, resolve_sampler
 from ldm.inference.errors import UsageError
 
 
@@ -26,7 +26,7 @@ def image(tmp_path: Path) -> Path:
 
 def test_defaults_are_the_originals():
     o = parse("--prompt", "x")
-    assert (o.steps, o.sampler, o.eta, o.scale, o.seed, o.n_samples, o.n_iter) == (50, "ddim", 0.0, 7.5, 42, 3, 2)
+    assert (o.steps, o.sampler, o.eta, o.scale, o.seed, o.n_samples, o.n_iter) == (50, "ddim", None, 7.5, 42, 3, 2)
     assert o.n_rows == o.n_samples and o.precision == "autocast" and o.outdir == Path("outputs/txt2img-samples")
     assert o.height is None and o.width is None and o.latent_channels is None and o.factor is None
     assert o.ckpt is None and o.config is None and o.use_ema is None
@@ -72,12 +72,22 @@ def test_all_original_flags_are_accepted(tmp_path: Path):
     assert o.outdir == tmp_path and o.device == "cpu" and o.watermark_text == "abc"
 
 
-@pytest.mark.parametrize("argv, sampler", [([], "ddim"), (["--plms"], "plms"), (["--dpm"], "dpm"),
-                                           (["--sampler", "PLMS"], "plms"), (["--sampler", "dpm_solver"], "dpm"),
-                                           (["--sampler", "dpm", "--dpm"], "dpm")])
-def test_sampler_selection(argv, sampler):
+@pytest.mark.parametrize("argv, sampler, label, schedule", [
+    ([], "ddim", "DDIM", "ddim"), (["--plms"], "plms", "PLMS", "ddim"),
+    (["--dpm"], "dpm_solver", "DPM-Solver", "dpm_solver"), (["--sampler", "PLMS"], "plms", "PLMS", "ddim"),
+    (["--sampler", "dpm_solver"], "dpm_solver", "DPM-Solver", "dpm_solver"),
+    (["--sampler", "dpm", "--dpm"], "dpm_solver", "DPM-Solver", "dpm_solver"),
+    (["--sampler", "DPM++ 2M Karras"], "dpmpp_2m", "DPM++ 2M", "karras"),
+    (["--sampler", "dpm++ 2m sde exponential"], "dpmpp_2m_sde", "DPM++ 2M SDE", "exponential"),
+    (["--sampler", "Euler a"], "euler_ancestral", "Euler a", "normal"),
+    (["--sampler", "euler_ancestral", "--schedule", "karras"], "euler_ancestral", "Euler a", "karras"),
+    (["--sampler", "DPM++ 2M Karras", "--schedule", "exponential"], "dpmpp_2m", "DPM++ 2M", "exponential"),
+    (["--sampler", "UniPC", "--schedule", "uniform"], "unipc", "UniPC", "normal"),
+    (["--sampler", "k_dpmpp_2m", "--schedule", "automatic"], "dpmpp_2m", "DPM++ 2M", "karras"),
+])
+def test_sampler_selection(argv, sampler, label, schedule):
     o = parse("--prompt", "x", *argv)
-    assert o.sampler == sampler and o.sampler_label == SAMPLER_LABELS[sampler]
+    assert (o.sampler, o.sampler_label, o.sampler_choice.schedule) == (sampler, label, schedule)
 
 
 def test_resolve_sampler_refuses_conflicts_and_unknown_names():
@@ -85,8 +95,25 @@ def test_resolve_sampler_refuses_conflicts_and_unknown_names():
         resolve_sampler(None, plms=True, dpm=True)
     with pytest.raises(UsageError, match="conflicting"):
         resolve_sampler("ddim", plms=True, dpm=False)
-    with pytest.raises(UsageError, match="unknown sampler 'euler'.*ddim, plms, dpm"):
-        resolve_sampler("euler", plms=False, dpm=False)
+    with pytest.raises(UsageError, match="unknown sampler 'eular a'; did you mean 'Euler a'"):
+        resolve_sampler("eular a", plms=False, dpm=False)
+    assert resolve_sampler("euler", plms=False, dpm=False).spec.name == "euler"
+
+
+def test_sampler_help_lists_the_table(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--sampler", "help")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(name in out for name in ("DPM++ 2M", "Euler a", "UniPC", "DDIM", "dpmpp_3m_sde", "karras"))
+
+
+def test_unknown_sampler_exits_2_with_suggestions(capsys):
+    from ldm.inference.cli import main
+
+    assert main(["--prompt", "x", "--sampler", "DPM++ 2N Karras"], "txt2img") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sampler" in err[0] and "'DPM++ 2M'" in err[0]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -98,7 +125,9 @@ def test_resolve_sampler_refuses_conflicts_and_unknown_names():
     (["--ddim_eta", "-0.5"], "--ddim_eta must be >= 0"),
     (["--scale", "nan"], "--scale must be a finite number"),
     (["--seed", "-1"], "--seed must be between"),
-    (["--plms", "--ddim_eta", "0.5"], "only applies to the DDIM sampler"),
+    (["--plms", "--ddim_eta", "0.5"], "only applies to samplers that add fresh noise"),
+    (["--sampler", "DPM++ 2M", "--eta", "0.5"], "DPM++ 2M is deterministic"),
+    (["--schedule", "linear"], "invalid choice"),
     (["--ddim_steps", "ten"], "invalid int value"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--precision", "half"], "invalid choice"),
@@ -152,11 +181,11 @@ def test_strength_bounds_are_allowed(strength: str, image: Path):
     assert parse("--init-img", str(image), "--strength", strength, mode="img2img").strength == float(strength)
 
 
-def test_img2img_needs_an_image_and_ddim(image: Path):
+def test_img2img_needs_an_image_and_takes_any_sampler(image: Path):
     with pytest.raises(UsageError, match="--init-img PATH"):
         parse(mode="img2img")
-    with pytest.raises(UsageError, match="only the DDIM sampler"):
-        parse("--init-img", str(image), "--plms", mode="img2img")
+    assert parse("--init-img", str(image), "--plms", mode="img2img").sampler == "plms"
+    assert parse("--init-img", str(image), "--sampler", "Euler a", mode="img2img").sampler == "euler_ancestral"
     with pytest.raises(UsageError, match="image '/nonexistent.png' does not exist"):
         parse("--init-img", "/nonexistent.png", mode="img2img")
 

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ldm import samplers
 from ldm.inference.errors import UsageError
+from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
-# Sampler names accepted by --sampler, their aliases, and the names the common web UIs write into metadata.
-SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM++ 2M"}
-SAMPLER_ALIASES = {"dpm_solver": "dpm", "dpmsolver": "dpm", "dpm-solver": "dpm", "dpm++2m": "dpm"}
 PRECISIONS = ("full", "autocast")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MODES = ("txt2img", "img2img")
@@ -28,8 +27,8 @@ class Options:
     negative_prompt: str
     outdir: Path
     steps: int
-    sampler: str
-    eta: float
+    sampler: str  # the short name (ldm.samplers.registry)
+    eta: Optional[float]  # None: the sampler's default
     n_iter: int
     n_samples: int
     n_rows: int
@@ -62,11 +61,17 @@ class Options:
     threads: Optional[int] = None
     unsafe_config: bool = False
     allow_large: bool = False
+    schedule: Optional[str] = None  # None: the sampler's default
+
+    @property
+    def sampler_choice(self) -> samplers.SamplerChoice:
+        """The sampler with its schedule."""
+        return samplers.resolve(self.sampler, self.schedule)
 
     @property
     def sampler_label(self) -> str:
-        """The sampler's name as the common web UIs write it (``DDIM``, ``PLMS``, ``DPM++ 2M``)."""
-        return SAMPLER_LABELS[self.sampler]
+        """The sampler's name as the common web UIs write it (``DDIM``, ``Euler a``, ``DPM++ 2M``)."""
+        return self.sampler_choice.label
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,11 +105,19 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--ddim_steps", "--steps", dest="steps", type=int, default=50, help="number of sampling steps")
-    g.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLER_LABELS)} (default ddim)")
+    g.add_argument("--sampler", default=None, metavar="NAME",
+                   help='sampler by its web-UI or short name, e.g. "DPM++ 2M Karras", "Euler a", euler, unipc '
+                        '(default DDIM); "--sampler help" lists them all')
+    g.add_argument("--schedule", "--scheduler", dest="schedule", default=None,
+                   choices=USER_SCHEDULES + tuple(SCHEDULE_ALIASES),
+                   help="noise schedule: normal (uniform timesteps), karras or exponential (default: the "
+                        "sampler's own)")
     g.add_argument("--plms", action="store_true", help="use the PLMS sampler (same as --sampler plms)")
     g.add_argument("--dpm_solver", "--dpm", dest="dpm", action="store_true",
-                   help="use DPM-Solver++ (2M) (same as --sampler dpm)")
-    g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+                   help="use the original SD 2 DPM-Solver++ (same as --sampler dpm_solver)")
+    g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,
+                   help="fresh-noise amount of a stochastic sampler: DDIM's eta (default 0), the ancestral and SDE "
+                        "samplers' eta (default 1; 0 makes them deterministic)")
     g.add_argument("--scale", type=float, default=7.5 if mode == "txt2img" else 5.0,
                    help="classifier-free guidance scale (1: no guidance)")
     g.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
@@ -178,18 +191,23 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_sampler(sampler: Optional[str], plms: bool, dpm: bool) -> str:
-    """One sampler name from --sampler / --plms / --dpm, which must not contradict each other."""
-    chosen = {name for name, flag in (("plms", plms), ("dpm", dpm)) if flag}
-    if sampler is not None:
-        key = sampler.strip().lower()
-        key = SAMPLER_ALIASES.get(key, key)
-        if key not in SAMPLER_LABELS:
-            raise UsageError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLER_LABELS)}")
-        chosen.add(key)
-    if len(chosen) > 1:
-        raise UsageError(f"conflicting sampler flags ({', '.join(sorted(chosen))}): choose one sampler")
-    return chosen.pop() if chosen else "ddim"
+def resolve_sampler(sampler: Optional[str], plms: bool, dpm: bool,
+                    schedule: Optional[str] = None) -> samplers.SamplerChoice:
+    """The sampler (and schedule) from --sampler / --plms / --dpm / --schedule, which must not contradict each
+    other; an unknown name is a UsageError that suggests the closest ones."""
+    flags = [name for name, flag in (("plms", plms), ("dpm_solver", dpm)) if flag]
+    try:
+        chosen = [samplers.resolve(name, schedule) for name in flags]
+        if sampler is not None:
+            chosen.append(samplers.resolve(sampler, schedule))
+        if not chosen:
+            chosen.append(samplers.resolve("ddim", schedule))
+    except samplers.UnknownSampler as e:
+        raise UsageError(str(e)) from None
+    if len({c.spec.name for c in chosen}) > 1:
+        names = ", ".join(sorted(c.spec.name for c in chosen))
+        raise UsageError(f"conflicting sampler flags ({names}): choose one sampler")
+    return chosen.pop()
 
 
 def resolve_device(requested: Optional[str]) -> str:
@@ -242,14 +260,15 @@ def _check_ranges(ns: argparse.Namespace) -> None:
                              ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
-    for flag, value in (("--scale", ns.scale), ("--ddim_eta", ns.ddim_eta), ("--strength", ns.strength)):
+    eta = ns.ddim_eta if ns.ddim_eta is not None else 0.0
+    for flag, value in (("--scale", ns.scale), ("--ddim_eta", eta), ("--strength", ns.strength)):
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
     if not 0 <= ns.seed < 2 ** 63:
         raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {ns.seed}")
-    if ns.ddim_eta < 0:
+    if eta < 0:
         raise UsageError(f"--ddim_eta must be >= 0, got {ns.ddim_eta}")
-    if ns.ddim_eta > MAX_ETA:
+    if eta > MAX_ETA:
         raise UsageError(f"--ddim_eta must be at most {MAX_ETA:g} (1: as much noise as DDPM), got {ns.ddim_eta}")
     if abs(ns.scale) > MAX_SCALE:
         raise UsageError(f"--scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g} (7.5 is usual; larger values "
@@ -262,12 +281,18 @@ def _check_ranges(ns: argparse.Namespace) -> None:
                          f"got {ns.strength}")
 
 
-def _check_sampler(ns: argparse.Namespace, sampler: str) -> None:
-    if ns.ddim_eta != 0 and sampler != "ddim":
-        raise UsageError(f"--ddim_eta {ns.ddim_eta} only applies to the DDIM sampler; drop it or use --sampler ddim")
-    if ns.mode == "img2img" and sampler != "ddim":
-        raise UsageError("img2img supports only the DDIM sampler (as the original script): drop --plms/--dpm/"
-                         "--sampler")
+def _check_sampler(ns: argparse.Namespace, choice: samplers.SamplerChoice) -> None:
+    if ns.ddim_eta is not None and not choice.spec.stochastic:
+        noisy = ", ".join(s.label for s in samplers.SAMPLERS if s.stochastic)
+        raise UsageError(f"--ddim_eta/--eta only applies to samplers that add fresh noise ({noisy}); "
+                         f"{choice.label} is deterministic: drop it")
+
+
+def _sampler_help(ns: argparse.Namespace) -> None:
+    """``--sampler help``: print the sampler table and exit 0."""
+    if ns.sampler is not None and ns.sampler.strip().lower() in ("help", "list", "?"):
+        print(samplers.help_table())
+        raise SystemExit(0)
 
 
 def _check_prompt_source(ns: argparse.Namespace) -> None:
@@ -290,9 +315,10 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         ns.init_img, ns.strength = None, 0.75
     ns.n_samples = ns.n_samples if ns.n_samples is not None else (3 if mode == "txt2img" else 2)
     ns.n_iter = ns.n_iter if ns.n_iter is not None else (2 if mode == "txt2img" else 1)
+    _sampler_help(ns)
     _check_ranges(ns)
-    sampler = resolve_sampler(ns.sampler, ns.plms, ns.dpm)
-    _check_sampler(ns, sampler)
+    choice = resolve_sampler(ns.sampler, ns.plms, ns.dpm, ns.schedule)
+    _check_sampler(ns, choice)
     _check_prompt_source(ns)
     if ns.config is not None and ns.ckpt is None:
         raise UsageError(f"--config {ns.config} given without --ckpt: pass the weights that go with it "
@@ -302,8 +328,8 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
     return Options(
         unsafe_config=ns.unsafe_config,
         mode=mode, prompt=ns.prompt, from_file=_check_file(ns.from_file, "--from-file", "prompt file"),
-        negative_prompt=ns.negative_prompt, outdir=ns.outdir.expanduser(), steps=ns.steps, sampler=sampler,
-        eta=ns.ddim_eta, n_iter=ns.n_iter, n_samples=ns.n_samples, n_rows=ns.n_rows or ns.n_samples,
+        negative_prompt=ns.negative_prompt, outdir=ns.outdir.expanduser(), steps=ns.steps, sampler=choice.spec.name,
+        schedule=choice.schedule, eta=ns.ddim_eta, n_iter=ns.n_iter, n_samples=ns.n_samples, n_rows=ns.n_rows or ns.n_samples,
         height=ns.H, width=ns.W, latent_channels=ns.C, factor=ns.f, scale=ns.scale, fixed_code=ns.fixed_code,
         config=_check_file(ns.config, "--config", "config"), ckpt=_check_file(ns.ckpt, "--ckpt", "checkpoint"),
         vae=_check_file(ns.vae, "--vae", "VAE"), use_ema=ns.use_ema, seed=ns.seed, precision=ns.precision,

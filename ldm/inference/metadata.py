@@ -15,6 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from ldm import samplers
+from ldm.samplers import SamplerChoice
+
 NEGATIVE_PREFIX = "Negative prompt:"
 # One "key: value" pair of the settings line; a value is a JSON string or runs up to the next comma.
 _PAIR = re.compile(r'\s*([\w \-/+.()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -36,21 +39,25 @@ class ImageParameters:
     model: Optional[str] = None
     model_hash: Optional[str] = None
     denoising_strength: Optional[float] = None
-    eta: float = 0.0
+    eta: Optional[float] = None  # written only when set (not the sampler's default)
     vae: Optional[str] = None
+    schedule_type: Optional[str] = None  # the web UI's "Schedule type" (Karras, Exponential, Uniform)
 
     def settings(self) -> dict[str, str]:
         """The settings line as an ordered key -> text mapping (web UI key names)."""
-        items = {"Steps": str(self.steps), "Sampler": self.sampler, "CFG scale": f"{self.cfg_scale:g}",
-                 "Seed": str(self.seed), "Size": f"{self.width}x{self.height}"}
+        items = {"Steps": str(self.steps), "Sampler": self.sampler}
+        if self.schedule_type:
+            items["Schedule type"] = self.schedule_type
+        items.update({"CFG scale": f"{self.cfg_scale:g}", "Seed": str(self.seed),
+                      "Size": f"{self.width}x{self.height}"})
         if self.model_hash:
             items["Model hash"] = self.model_hash
         if self.model:
             items["Model"] = self.model
         if self.denoising_strength is not None:
             items["Denoising strength"] = f"{self.denoising_strength:g}"
-        if self.eta:
-            items["Eta DDIM"] = f"{self.eta:g}"
+        if self.eta is not None:
+            items["Eta DDIM" if self.sampler == "DDIM" else "Eta"] = f"{self.eta:g}"
         if self.vae:
             items["VAE"] = self.vae
         return items
@@ -87,6 +94,13 @@ def parse_parameters(text: str) -> dict[str, str]:
             in_negative, line = True, line[len(NEGATIVE_PREFIX):].strip()
         (negative if in_negative else prompt).append(line)
     return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **settings}
+
+
+def sampler_of(settings: dict[str, str]) -> SamplerChoice:
+    """The sampler a parameters text names: ``Sampler`` with ``Schedule type``, or the older combined form
+    (``Sampler: DPM++ 2M Karras``); raises :class:`~ldm.samplers.UnknownSampler` for names not in the table."""
+    schedule = settings.get("Schedule type")
+    return samplers.resolve(settings["Sampler"], schedule if schedule else None)
 
 
 def file_hash(path: str | os.PathLike, length: int = HASH_LENGTH) -> str:

@@ -2,7 +2,8 @@
 
 Every image ``k`` has its own seed and ``torch.Generator`` (on the CPU, so the noise is the same on every device):
 its first draw is the starting noise (txt2img ``x_T``, img2img's forward noise), its second the autoencoder
-posterior sample (img2img), later draws the DDIM ``eta`` noise. An image therefore depends on its own seed only
+posterior sample (img2img), later draws a stochastic sampler's fresh noise
+(or the seed of its Brownian tree). An image therefore depends on its own seed only
 and can be made again alone with ``--seed <its seed> --n_samples 1`` (identical up to the float rounding that
 differs between batch sizes, a level or two out of 255 at most; the same run on the same device is bit-identical).
 """
@@ -17,11 +18,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldm import samplers
 from ldm.inference.errors import UsageError
+from ldm.models.diffusion.denoiser import ModelDenoiser
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+from ldm.samplers import SamplerChoice, SigmaDenoiser, StepInfo
+from ldm.samplers.noise import draw
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Optional[Callable[[int], Any]]
+StepCallback = Optional[Callable[[StepInfo], Any]]  # called after every sampler step
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,6 @@ def plan_jobs(prompts: Sequence[str], n_samples: int, n_iter: int, seed: int, re
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, seeded with its seed."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def draw(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
-    """Next standard normal draw of every image's generator: [len(gens), *shape] float32 on ``device``."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
 
 
 @dataclass(frozen=True)
@@ -166,52 +167,27 @@ def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
     return rows(job.prompts), rows(len(job.prompts) * [negative_prompt]) if scale != 1.0 else None
 
 
-def make_sampler(model: Any, name: str) -> Any:
-    """The original sampler class for ``name`` (ddim, plms, dpm) around ``model``."""
-    if name == "plms":
-        from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model)
-    if name == "dpm":
-        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-        return DPMSolverSampler(model)
-    from ldm.models.diffusion.ddim import DDIMSampler
-    return DDIMSampler(model)
+def guided_denoiser(model: Any, uncond: Optional[torch.Tensor], scale: float) -> SigmaDenoiser:
+    """The model as the samplers see it: D(x, sigma, cond) with classifier-free guidance (uncond first)."""
+    return SigmaDenoiser(ClassifierFreeGuidance(ModelDenoiser(model), uncond, scale))
 
 
-def grid_length(sampler: Any, steps: int, eta: float) -> int:
-    """Number of steps a full run makes (DDIM/PLMS grids can have more than ``steps``, as the original's)."""
-    if hasattr(sampler, "make_schedule"):
-        sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-        return len(sampler.ddim_timesteps)
-    return steps
-
-
-def _per_image(batch: int, gens: Sequence[torch.Generator], eta: float) -> Iterator[tuple[slice, Any]]:
-    """Slices to sample: the whole batch (deterministic), or image by image with its generator (eta > 0)."""
-    if eta == 0:
-        yield slice(0, batch), None
-    else:
-        for i in range(batch):
-            yield slice(i, i + 1), gens[i]
-
-
-def _pick(x: Optional[torch.Tensor], part: slice) -> Optional[torch.Tensor]:
-    return None if x is None else x[part]
+def sampler_steps(model: Any, choice: SamplerChoice, steps: int, strength: Optional[float] = None) -> int:
+    """Sampler steps one image takes (DDIM grids can have more than ``steps``, as the original's; img2img fewer)."""
+    denoiser = SigmaDenoiser(ModelDenoiser(model))
+    if strength is None:
+        return len(samplers.sigmas_for(choice, denoiser, steps)) - 1
+    return samplers.img2img_steps(choice, denoiser, steps, strength)
 
 
 @torch.inference_mode()
-def sample_txt2img(sampler: Any, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                   steps: int, scale: float, eta: float, gens: Sequence[torch.Generator],
-                   callback: StepCallback = None) -> torch.Tensor:
-    """Latents [B, C, h, w] from the start noise x_T [B, C, h, w] in ``steps`` sampler steps (inference mode)."""
-    outs = []
-    for part, gen in _per_image(x_T.shape[0], gens, eta):
-        x = x_T[part]
-        out, _ = sampler.sample(S=steps, batch_size=x.shape[0], shape=tuple(x.shape[1:]), conditioning=cond[part],
-                                unconditional_guidance_scale=scale, unconditional_conditioning=_pick(uncond, part),
-                                eta=eta, x_T=x, verbose=False, callback=callback, generator=gen)
-        outs.append(out)
-    return torch.cat(outs)
+def sample_txt2img(model: Any, choice: SamplerChoice, x_T: torch.Tensor, cond: torch.Tensor,
+                   uncond: Optional[torch.Tensor], steps: int, scale: float, gens: Sequence[torch.Generator],
+                   eta: Optional[float] = None, callback: StepCallback = None) -> torch.Tensor:
+    """Latents [B, C, h, w] from the start noise x_T [B, C, h, w] in ``steps`` steps of the chosen sampler; fresh
+    noise comes from each image's own generator (inference mode)."""
+    return samplers.sample(choice, guided_denoiser(model, uncond, scale), x_T, steps, cond, eta=eta,
+                           gens=list(gens), callback=callback)
 
 
 def encode_init(model: Any, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,43 +197,21 @@ def encode_init(model: Any, init: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.inference_mode()
-def sample_img2img(sampler: Any, model: Any, posterior: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor,
-                   uncond: Optional[torch.Tensor], steps: int, strength: float, scale: float, eta: float,
-                   gens: Sequence[torch.Generator], callback: StepCallback = None) -> torch.Tensor:
-    """Latents [B, C, h, w]: the init latents noised to ``t_enc = int(strength * steps)`` and denoised again.
+def sample_img2img(model: Any, choice: SamplerChoice, posterior: tuple[torch.Tensor, torch.Tensor],
+                   cond: torch.Tensor, uncond: Optional[torch.Tensor], steps: int, strength: float, scale: float,
+                   gens: Sequence[torch.Generator], eta: Optional[float] = None,
+                   callback: StepCallback = None) -> torch.Tensor:
+    """Latents [B, C, h, w]: the init latents noised to the level ``strength`` picks from the full schedule of
+    ``steps`` sigmas and denoised again (the web UI's convention, every sampler).
 
-    strength 0 returns the init latents themselves; strength 1 starts from pure noise over the whole grid
-    (what txt2img does for the same seed), where the original indexed past its schedule.
+    Each image draws its start noise, then its posterior sample. strength 0 returns the init latents themselves;
+    strength 1 starts from the pure noise (what txt2img does for the same seed).
     """
     mean, std = posterior
-    batch = cond.shape[0]
     noise = draw(gens, mean.shape[1:], mean.device)
     z0 = model.scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
-    t_enc = int(strength * steps)
-    if t_enc == 0:
-        return z0
-    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-    full = t_enc >= steps
-    t_start = len(sampler.ddim_timesteps) if full else t_enc
-    outs = []
-    for part, gen in _per_image(batch, gens, eta):
-        if full:
-            z_enc = noise[part]
-        else:
-            index = torch.full((z0[part].shape[0],), t_enc, dtype=torch.long, device=z0.device)
-            z_enc = sampler.stochastic_encode(z0[part], index, noise=noise[part])
-        outs.append(sampler.decode(z_enc, cond[part], t_start, unconditional_guidance_scale=scale,
-                                   unconditional_conditioning=_pick(uncond, part), callback=callback,
-                                   generator=gen))
-    return torch.cat(outs)
-
-
-def img2img_steps(sampler: Any, steps: int, strength: float) -> int:
-    """Sampler steps img2img makes for one image at ``strength``."""
-    t_enc = int(strength * steps)
-    if t_enc >= steps:
-        return grid_length(sampler, steps, 0.0)
-    return t_enc
+    return samplers.sample(choice, guided_denoiser(model, uncond, scale), noise, steps, cond, init=z0,
+                           strength=strength, eta=eta, gens=list(gens), callback=callback)
 
 
 @torch.inference_mode()

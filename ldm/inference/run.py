@@ -14,6 +14,7 @@ from PIL import Image
 from ldm.inference import accel, limits, loading, pipeline
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
+from ldm.samplers.schedules import USER_SCHEDULES
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
 from ldm.inference.outputs import OutputWriter, check_writable
 from ldm.modules.safety import numpy_to_pil
@@ -154,8 +155,10 @@ def _parameters(p: Plan, prompt: str, seed: int, model_hash: str) -> str:
     o = p.opts
     return format_parameters(ImageParameters(
         prompt=prompt, negative_prompt=o.negative_prompt, steps=o.steps, sampler=o.sampler_label,
+        schedule_type=o.sampler_choice.schedule_label if o.sampler_choice.schedule in USER_SCHEDULES else None,
         cfg_scale=o.scale, seed=seed, width=p.width, height=p.height, model=p.source.name, model_hash=model_hash,
-        denoising_strength=o.strength if o.mode == "img2img" else None, eta=o.eta,
+        denoising_strength=o.strength if o.mode == "img2img" else None,
+        eta=o.eta if o.eta is not None and o.eta != o.sampler_choice.spec.eta else None,
         vae=o.vae.stem if o.vae is not None else None))
 
 
@@ -171,7 +174,7 @@ class _Generation:
         self.checker = loading.load_checker(o.safety_checker, o.device) if o.safety_check else None
         self.model_hash = file_hash(p.source.ckpt_path)
         self.precision = pipeline.choose_precision(o.device, o.precision, o.bf16)
-        self.sampler = pipeline.make_sampler(self.model, o.sampler)
+        self.sampler = o.sampler_choice
         self.shape = (p.geometry.channels, p.height // p.geometry.factor, p.width // p.geometry.factor)
         self.posterior = None
         self.warned: set = set()
@@ -180,9 +183,9 @@ class _Generation:
                 init = pipeline.image_tensor(p.init_image, o.device)
                 mean, std = pipeline.encode_init(self.model, init)
                 self.posterior = (mean.float(), std.float())
-            self.steps_per_image = pipeline.img2img_steps(self.sampler, o.steps, o.strength)
+            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps, o.strength)
         else:
-            self.steps_per_image = pipeline.grid_length(self.sampler, o.steps, o.eta)
+            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps)
 
     @torch.no_grad()
     def latents(self, job: pipeline.Job, callback: pipeline.StepCallback) -> torch.Tensor:
@@ -192,10 +195,11 @@ class _Generation:
         with self.precision.scope():
             cond, uncond = pipeline.conditioning(self.model, job, o.negative_prompt, o.scale, self.warned)
             if o.mode == "img2img":
-                return pipeline.sample_img2img(self.sampler, self.model, self.posterior, cond, uncond, o.steps,
-                                               o.strength, o.scale, o.eta, gens, callback)
+                return pipeline.sample_img2img(self.model, self.sampler, self.posterior, cond, uncond, o.steps,
+                                               o.strength, o.scale, gens, o.eta, callback)
             x_T = pipeline.draw(gens, self.shape, o.device)
-            return pipeline.sample_txt2img(self.sampler, x_T, cond, uncond, o.steps, o.scale, o.eta, gens, callback)
+            return pipeline.sample_txt2img(self.model, self.sampler, x_T, cond, uncond, o.steps, o.scale, gens, o.eta,
+                                           callback)
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
@@ -244,7 +248,7 @@ def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Opt
     start = time.perf_counter()
     with progress(len(jobs), "batches") as batches:
         for job in jobs:
-            steps = gen.steps_per_image * (len(job.seeds) if opts.eta else 1)  # eta > 0: image by image
+            steps = gen.steps_per_image
             with progress(steps, "sampling") as bar:
                 latents = gen.latents(job, lambda i: bar.update(1))
             limits.check_finite(latents, "the sampled latents", gen.precision.reduced)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ldm.samplers import dpmpp, euler, original, unipc
-from ldm.samplers.schedules import SCHEDULE_ALIASES, SCHEDULE_LABELS, USER_SCHEDULES
+from ldm.samplers.schedules import SCHEDULE_ALIASES, SCHEDULE_LABELS, SCHEDULES, USER_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def names() -> list[str]:
 def _schedule_key(name: str) -> Optional[str]:
     key = name.strip().lower()
     key = SCHEDULE_ALIASES.get(key, key)
-    if key is not None and key not in USER_SCHEDULES:
+    if key is not None and key not in SCHEDULES:
         raise UnknownSampler(f"unknown schedule '{name}': use one of {', '.join(USER_SCHEDULES)}")
     return key
 
