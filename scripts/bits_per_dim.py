@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     used = min(args.timesteps or model.num_timesteps, model.num_timesteps)
     result["timesteps"] = used
     print(f"bits/dim: {result['total_bpd']:.4f} +- {result['total_bpd_stderr']:.4f} (standard error) over "
-          f"{result['n_images']} images, {used} of {model.num_timesteps} timesteps (prior {result['prior_bpd']:.4f}, KL terms {result['kl_bpd']:.4f}, "
-          f"decoder {result['decoder_bpd']:.4f})")
+          f"{result['n_images']} images, {used} of {model.num_timesteps} timesteps (prior {result['prior_bpd']:.4f}, "
+          f"KL terms {result['kl_bpd']:.4f}, decoder {result['decoder_bpd']:.4f})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -51,7 +51,7 @@ def str2bool(value: str) -> bool:
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(options and files, ``key=value`` overrides): an override ends ``--base``'s list wherever it stands."""
     rest, overrides, skip = [], [], 0
-    for i, token in enumerate(argv):
+    for token in argv:
         if skip:
             skip -= 1
             rest.append(token)
@@ -231,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, CheckpointError) as e:
         print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before training started (loading), or a second Ctrl-C: nothing more is saved
+        print("train.py: interrupted; no checkpoint written by this stop", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

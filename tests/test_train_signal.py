@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from test_train_helpers import QUIET, ROOT, TINY, load_train_script, make_images, one_thread  # noqa: F401
 
-# Runs scripts/train.py in a fresh interpreter (one thread, like the in-process runs of the test); with a marker path, the batch fetch of step 3 announces itself
-# there and then takes a while, so the signal lands in the middle of the step (data position already moved on).
+# Runs scripts/train.py in a fresh interpreter (one thread, like the in-process runs of the test); with a marker
+# path, the batch fetch of step 3 announces itself there and then takes a while, so the signal lands in the middle
+# of the step (data position already moved on).
 DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
