@@ -13,10 +13,11 @@ import pytest
 
 def load_k_diffusion() -> tuple[Any, Any]:
     """(k_diffusion.sampling, k_diffusion.external); skips the test when the package is not installed."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde torchdiffeq)")
-    if "k_diffusion" not in sys.modules or not hasattr(sys.modules["k_diffusion"], "sampling"):
+    loaded = sys.modules.get("k_diffusion")
+    if loaded is None or not hasattr(loaded, "sampling"):
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde torchdiffeq)")
         package = types.ModuleType("k_diffusion")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["k_diffusion"] = package
