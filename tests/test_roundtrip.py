@@ -167,3 +167,22 @@ def test_exports_carry_an_inference_config_of_project_targets(runs):
         assert not {"ckpt_path", "scheduler_config", "base_learning_rate"} & set(config["model"]["params"])
         for suffix in (".yaml", ".safetensors" if name != "last" else ".ckpt"):
             assert (run / "checkpoints" / f"{name}{suffix}").stat().st_mode & 0o777 == 0o644
+
+
+def test_inference_config_of_a_fine_tuning_config_loads_nothing_else():
+    """The SD 2 fine-tuning config: the export's config names no checkpoint to load, keeps no training parts."""
+    from ldm.training.config import load_config
+    from ldm.training.export import inference_config, targets
+
+    root = TINY["ldm"].parents[1]
+    cfg = load_config([root / "stable-diffusion" / "v2-inference.yaml", root / "training" / "sd2-finetune.yaml"],
+                      ["model.params.ckpt_path=/m/512-base-ema.ckpt", "data.params.train.params.urls=/d/a.tar"])
+    config = inference_config(cfg)
+    text = OmegaConf.to_yaml(OmegaConf.create(config))
+    assert "ckpt_path" not in text and "/m/512" not in text and "scheduler_config" not in text
+    params = config["model"]["params"]
+    assert params["use_ema"] is False and params["first_stage_config"]["params"]["lossconfig"] == {
+        "target": "torch.nn.Identity"}
+    assert all(t.startswith("ldm.") or t == "torch.nn.Identity" for t in targets(config))
+    cfg.model.params.unet_config.target = "os.system"
+    assert inference_config(cfg) is None  # a config naming foreign code gets no sidecar
