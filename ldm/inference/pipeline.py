@@ -205,10 +205,12 @@ def sample_img2img(model: Any, choice: SamplerChoice, posterior: tuple[torch.Ten
     ``steps`` sigmas and denoised again (the web UI's convention, every sampler).
 
     Each image draws its start noise, then its posterior sample. strength 0 returns the init latents themselves;
-    strength 1 starts from the pure noise (what txt2img does for the same seed).
+    strength 1 is txt2img for the same seed (the init image gives only the size).
     """
     mean, std = posterior
     noise = draw(gens, mean.shape[1:], mean.device)
+    if strength >= 1:  # txt2img from the same noise, and the same later draws
+        return sample_txt2img(model, choice, noise, cond, uncond, steps, scale, gens, eta, callback)
     z0 = model.scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
     return samplers.sample(choice, guided_denoiser(model, uncond, scale), noise, steps, cond, init=z0,
                            strength=strength, eta=eta, gens=list(gens), callback=callback)

@@ -48,7 +48,8 @@ def brownian_noise(x: torch.Tensor, sigma_min: float, sigma_max: float, gens: Ge
     seeds = [int(torch.randint(0, 2 ** 62, (), generator=g)) for g in gens]
     lo, hi = float(sigma_min), float(sigma_max)
     w0 = torch.zeros(tuple(x.shape[1:]), dtype=torch.float64)
-    trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s, tol=1e-6) for s in seeds]
+    # the tree's interval a little wider than the queries: torchsde keeps its ends in float32
+    trees = [torchsde.BrownianTree(lo * (1 - 1e-4), w0, hi * (1 + 1e-4), entropy=s, tol=1e-6) for s in seeds]
 
     def sample(sigma: float, sigma_next: float) -> torch.Tensor:
         s0, s1 = min(max(float(sigma), lo), hi), min(max(float(sigma_next), lo), hi)
