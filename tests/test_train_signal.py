@@ -15,10 +15,10 @@ import torch
 from test_train_helpers import QUIET, ROOT, TINY, load_train_script, make_images, one_thread  # noqa: F401
 
 # Runs scripts/train.py in a fresh interpreter (one thread, like the in-process runs of the test); with a marker
-# path, the batch fetch of step 3 announces itself there and then takes a while, so the signal lands in the middle
+# path, the batch fetch of step 3 announces itself there and waits until the signal is sent: it lands in the middle
 # of the step (data position already moved on).
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {root!r})
     import torch
     torch.set_num_threads(1)
@@ -30,7 +30,9 @@ DRIVER = textwrap.dedent("""
             batches = fetch(self, it)
             if self.step == 3:
                 open(marker, "w").close()
-                time.sleep(1.5)
+                deadline = time.time() + 60
+                while not os.path.exists(marker + ".sent") and time.time() < deadline:
+                    time.sleep(0.05)  # the signal arrives while this step's batch is in hand
             return batches
         tr.Trainer._batches = slow
     import importlib.util
@@ -84,6 +86,7 @@ def test_sigint_finishes_the_step_and_resume_is_bit_identical(tmp_path):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    (tmp_path / "in-step-4.sent").touch()
     rc, err = _finish(proc)
     assert rc == 130, err[-2000:]
     assert "stopped by SIGINT at step 4" in err and "Traceback" not in err
