@@ -60,13 +60,16 @@ def targets(section: Any) -> Iterator[str]:
 
 
 def inference_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any] | None:
-    """``{"model": ...}`` for generation from a training config; None when it names targets outside ``ldm.*``."""
+    """``{"model": ...}`` for generation from a training config; None when it names targets that inference
+    configs may not (anything but the project's classes and ``torch.nn.Identity``: :mod:`ldm.config_policy`)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     model = plain.get("model")
     if not isinstance(model, Mapping) or "target" not in model:
         return None
+    from ldm.config_policy import refusal
+
     config = {"model": _strip(model)}
-    foreign = sorted({t for t in targets(config) if not t.startswith("ldm.") and t != NO_LOSS["target"]})
+    foreign = sorted({t for t in targets(config) if refusal(t)})  # what generation would refuse to build
     if foreign:
         logger.warning("no inference config written: the model config names targets outside this project (%s); "
                        "pass --config when generating", ", ".join(foreign))
