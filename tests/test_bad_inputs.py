@@ -117,6 +117,9 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     f["huge_png"] = _png_header_only(root / "huge.png", 12000, 12000)
     f["safety_empty"] = root / "safety"
     f["safety_empty"].mkdir()
+    (root / "run" / "checkpoints").mkdir(parents=True)
+    put("run_ckpt", "run/checkpoints/last.ckpt", b"junk\n")
+    f["run"] = root / "run"
     return f
 
 
@@ -193,7 +196,7 @@ TXT2IMG = [
     _t("prompt-file-latin1", lambda w: ["--from-file", str(w["latin1_prompts"])], "is not UTF-8 text"),
     _t("sampler-unknown", lambda w: ["--sampler", "euler_z"], "unknown sampler 'euler_z'"),
     _t("sampler-conflict", lambda w: ["--plms", "--dpm"], "conflicting sampler flags"),
-    _t("eta-with-plms", lambda w: ["--plms", "--ddim_eta", "0.5"], "only applies to the DDIM sampler"),
+    _t("eta-with-plms", lambda w: ["--plms", "--ddim_eta", "0.5"], "only applies to"),
     _t("unknown-flag", lambda w: ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     _t("precision-half", lambda w: ["--precision", "half"], "invalid choice: 'half'"),
     _t("compile-nonsense", lambda w: ["--compile", "turbo"], "invalid choice: 'turbo'"),
@@ -251,12 +254,16 @@ IMG2IMG = [
     _i("strength-above-one", lambda w: ["--strength", "1.5"], "--strength must be between 0 and 1"),
     _i("strength-negative", lambda w: ["--strength", "-0.1"], "--strength must be between 0 and 1"),
     _i("strength-nan", lambda w: ["--strength", "nan"], "--strength must be a finite number"),
-    _i("img2img-plms", lambda w: ["--plms"], "supports only the DDIM sampler"),
+    _i("img2img-sampler-unknown", lambda w: ["--sampler", "nope"], "unknown sampler 'nope'"),
     _i("img2img-width-odd", lambda w: ["--W", "31"], "not a multiple of 2"),
     _i("img2img-scale-huge", lambda w: ["--scale", "1e9"], "--scale must be between"),
     _i("img2img-ckpt-nan", _ckpt("ckpt_nan"), "NaN/inf values"),
     _i("img2img-outdir-file", lambda w: ["--outdir", str(w["a_file"])], "is not a folder"),
 ]
+
+
+def _tiny_ldm(w: dict[str, Path]) -> list[str]:
+    return ["--base", str(ROOT / "configs" / "training" / "tiny-ldm.yaml"), "-t", "--logdir", str(w["root"] / "logs")]
 
 
 def _tr(id: str, args: Callable[[dict[str, Path]], list[str]], words: str) -> Case:
@@ -271,6 +278,13 @@ TRAIN = [
     _tr("train-base-no-model", lambda w: ["--base", str(w["no_model_yaml"]), "-t"], "model"),
     _tr("train-root-unset", lambda w: ["--base", str(ROOT / "configs" / "training" / "tiny-ldm.yaml"), "-t",
                                        "--logdir", str(w["root"] / "logs")], "root"),
+    _tr("train-data-empty", lambda w: [*_tiny_ldm(w), f"data.params.train.params.root={w['folder']}"],
+        "no images"),
+    _tr("train-data-missing", lambda w: [*_tiny_ldm(w), f"data.params.train.params.root={w['root'] / 'nope'}"],
+        "does not exist"),
+    _tr("train-bad-override", lambda w: [*_tiny_ldm(w), "not-an-override"], "key.sub=value"),
+    _tr("train-resume-not-a-run", lambda w: ["--resume", str(w["run"]), "-t"], "not a run folder"),
+    _tr("train-resume-file-outside-run", lambda w: ["--resume", str(w["run_ckpt"]), "-t"], "outside a run folder"),
     _tr("export-missing", lambda w: ["--export_ema", str(w["root"] / "nope.ckpt"), str(w["root"] / "o.safetensors")],
         "not found"),
     _tr("export-empty", lambda w: ["--export_ema", str(w["empty_ckpt"]), str(w["root"] / "o.safetensors")],
