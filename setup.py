@@ -18,9 +18,12 @@ setup(
         "tqdm",
         "invisible-watermark>=0.2",
         "opencv-python-headless",
+        "torchsde>=0.2.5",  # Brownian-tree noise of the SDE samplers (DPM++ SDE, 2M SDE, 3M SDE)
     ],
     extras_require={
         "train": ["tensorboard"],  # optional event files (trainer.tensorboard); nothing else training needs
-        "test": ["pytest>=7"],
+        # oracles: k-diffusion's samplers (installed with --no-deps by .ci/run: its own requirements pull in wandb
+        # and more; sampling needs scipy and torchdiffeq), diffusers (UniPC), sd-parsers (PNG parameters)
+        "test": ["pytest>=7", "scipy", "torchdiffeq", "diffusers==0.42.1", "sd-parsers==0.6"],
     },
 )
