@@ -47,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip_visual", type=Path, help="CLIP image tower (default: clip_visual.safetensors beside "
                    "the default model)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default 3: 672 pictures)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--sampler", default="DDIM", help='sampler by name, e.g. "DPM++ 2M Karras" (default DDIM)')
+    p.add_argument("--schedule", default=None, help="normal, karras or exponential (default: the sampler's own)")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     p.add_argument("--batch", type=int, default=32, help="pictures per sampling batch (default 32)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompt/seed pairs (quick checks)")
@@ -57,6 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--grid", type=Path, help="save a grid of the first 64 generated pictures here")
     args = p.parse_args(argv)
+    try:
+        resolve(args.sampler, args.schedule)
+    except ValueError as e:
+        p.error(str(e))
     for name in ("out", "grid"):
         path = getattr(args, name)
         if path is not None and path.exists():  # found before the minutes of generation, not after
@@ -72,7 +78,8 @@ def real_pictures(count: int) -> tuple[torch.Tensor, list[Any]]:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, scale: float) -> torch.Tensor:
+def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
+             sampler: str = "DDIM", schedule: str | None = None) -> torch.Tensor:
     """Pictures [B, 3, H, W] in [0, 1] through the inference pipeline's sampling and decoding."""
     device = next(model.parameters()).device
     cond = model.get_learned_conditioning(list(prompts))
@@ -80,7 +87,7 @@ def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: in
     gens = pipeline.generators(seeds)
     shape = (model.channels, model.image_size, model.image_size)
     x_T = pipeline.draw(gens, shape, device)
-    latents = pipeline.sample_txt2img(model, resolve("ddim"), x_T, cond, uncond, steps, scale, gens)
+    latents = pipeline.sample_txt2img(model, resolve(sampler, schedule), x_T, cond, uncond, steps, scale, gens)
     return pipeline.decode(model, latents, pipeline.choose_precision(str(device), "full", False))
 
 
@@ -102,7 +109,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; returns the results."""
     model, config, folder = load(args)
-    results: dict[str, Any] = {"steps": args.steps, "scale": args.scale, "seeds": args.seeds, "sampler": "ddim"}
+    results: dict[str, Any] = {"steps": args.steps, "scale": args.scale, "seeds": args.seeds,
+                               "sampler": resolve(args.sampler, args.schedule).combined_label}
     real, scenes = real_pictures(args.real)
     results["autoencoder_psnr_db"] = reconstruction_psnr(model.first_stage_model, real)
     check = Adherence()
@@ -115,7 +123,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         jobs = jobs[:args.limit]
     adherence, pictures, start = Adherence(), [], time.time()
     for n, part in enumerate(batched(jobs, args.batch)):
-        images = generate(model, [j[0] for j in part], [j[2] for j in part], args.steps, args.scale)
+        images = generate(model, [j[0] for j in part], [j[2] for j in part], args.steps, args.scale, args.sampler,
+                          args.schedule)
         for picture, (_, combo, _) in zip(to_uint8(images), part):
             adherence.add(picture, *combo)
         pictures.append((images * 2 - 1).cpu())
