@@ -183,8 +183,10 @@ def _build(cfg: DictConfig, opts: RunOptions, ctx) -> Trainer:
     """The trainer; bad data folders, models and resume checkpoints become one-line UsageErrors."""
     try:
         return Trainer(cfg, opts, ctx)
-    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, ImportError, ValueError) as e:
-        raise UsageError(" ".join(str(e).split()) or type(e).__name__) from None
+    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, ImportError, ValueError,
+            TypeError) as e:  # while building from the config: a value of the wrong kind, a missing file
+        raise UsageError("cannot build the run from the config: " + (" ".join(str(e).split()) or type(e).__name__)) \
+            from None
 
 
 def train(args: argparse.Namespace) -> int:

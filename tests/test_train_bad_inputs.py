@@ -93,6 +93,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "config without data:": (lambda t: ["--base", _yaml(t, "model: {target: a.B}\n"), "-t"], "data:"),
     "unimportable target": (lambda t: ["--base", _yaml(t, "model: {target: no.such.Model, params: {a: 1}}\ndata: "
                                                          "{params: {}}\n"), "-t"], "no.such"),
+    "required param missing": (lambda t: ["--base", _yaml(t, "model: {target: ldm.models.autoencoder.AutoencoderKL, "
+                                                             "params: {embed_dim: 4}}\ndata: {params: {}}\n"), "-t"],
+                               "needs 'ddconfig', 'lossconfig'"),
+    "data batch_size missing": (lambda t: _base(t, _root(t), "data.params.batch_size=null"), "batch_size"),
     "resume: missing folder": (lambda t: ["--resume", str(t / "nope"), "-t"], "no such run folder"),
     "resume: folder that is no run": (lambda t: (t / "x").mkdir() or ["--resume", str(t / "x"), "-t"],
                                       "not a run folder"),

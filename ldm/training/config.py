@@ -181,8 +181,8 @@ def settings_dict(settings: TrainerSettings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
 
 
-def _accepted(target: str) -> set[str] | None:
-    """Keyword arguments the class or function named by ``target`` takes (None: it takes any)."""
+def _signature(target: str) -> tuple[set[str] | None, set[str]]:
+    """(keyword arguments the class or function ``target`` takes, None: any; the ones it requires)."""
     import inspect
 
     from ldm.util import get_obj_from_str
@@ -192,12 +192,19 @@ def _accepted(target: str) -> set[str] | None:
     except ImportError as e:
         raise ConfigError(_one_line(e)) from None
     try:
-        sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+        params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL} - {"self"}
+        return None, set()
+    named = {n: p for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    required = {n for n, p in named.items() if p.default is p.empty}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None, required
+    return set(named), required
+
+
+def _accepted(target: str) -> set[str] | None:
+    """Keyword arguments the class or function named by ``target`` takes (None: it takes any)."""
+    return _signature(target)[0]
 
 
 def _check_section(node: DictConfig, where: str, aliases: dict[str, str]) -> None:
@@ -207,7 +214,12 @@ def _check_section(node: DictConfig, where: str, aliases: dict[str, str]) -> Non
     if not isinstance(params, DictConfig):
         return
     if isinstance(target, str):
-        accepted = _accepted(aliases.get(target, target))
+        accepted, required = _signature(aliases.get(target, target))
+        present = set(params.keys())  # ``???`` values count as present: check_complete names them all
+        absent = sorted(k for k in required if k not in present or params._get_node(k)._is_none())
+        if absent:
+            raise ConfigError(f"{where}.params: {target} needs {', '.join(map(repr, absent))}; add it to the config "
+                              f"or give it on the command line ({where}.params.{absent[0]}=...)")
         unknown = sorted(set(params.keys()) - accepted) if accepted is not None else []
         for key in list(unknown):
             if OmegaConf.is_missing(params, key):  # e.g. an image folder's root after switching to tar shards
