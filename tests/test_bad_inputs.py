@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import pickle
 import struct
 import sys
@@ -37,7 +38,6 @@ class _Payload:
         self.marker = marker
 
     def __reduce__(self):
-        import os
         return os.system, (f"touch '{self.marker}'",)
 
 
@@ -120,6 +120,8 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (root / "run" / "checkpoints").mkdir(parents=True)
     put("run_ckpt", "run/checkpoints/last.ckpt", b"junk\n")
     f["run"] = root / "run"
+    f["fifo"] = root / "a-pipe"
+    os.mkfifo(f["fifo"])  # reading it would block forever: it must be refused unread
     return f
 
 
@@ -191,6 +193,7 @@ TXT2IMG = [
     _t("prompt-file-missing", lambda w: ["--from-file", str(w["root"] / "nope.txt")], "does not exist"),
     _t("prompt-file-dev-null", lambda w: ["--from-file", "/dev/null"], "not a regular file"),
     _t("prompt-file-folder", lambda w: ["--from-file", str(w["folder"])], "is a folder, not a prompt file;"),
+    _t("prompt-file-fifo", lambda w: ["--from-file", str(w["fifo"])], "not a regular file"),
     _t("prompt-file-empty", lambda w: ["--from-file", str(w["empty_prompts"])], "contains no prompts"),
     _t("prompt-file-blank", lambda w: ["--from-file", str(w["blank_prompts"])], "contains no prompts"),
     _t("prompt-file-latin1", lambda w: ["--from-file", str(w["latin1_prompts"])], "is not UTF-8 text"),
@@ -228,6 +231,7 @@ TXT2IMG = [
     _t("vae-is-full-model", lambda w: ["--vae", str(w["ckpt"])], "is a full model checkpoint"),
     _t("vae-garbage", lambda w: ["--vae", str(w["garbage_ckpt"])], "cannot read checkpoint"),
     _t("outdir-is-a-file", lambda w: ["--outdir", str(w["a_file"])], "is not a folder"),
+    _t("outdir-dev-null", lambda w: ["--outdir", "/dev/null"], "is not a folder"),
     _t("outdir-under-a-file", lambda w: ["--outdir", str(w["a_file"] / "sub")], "is a file, not a folder"),
     _t("safety-folder-missing", lambda w: ["--safety_checker", str(w["root"] / "nope"), *model_args(
         (w["config"], w["ckpt"]))[:4]], "does not exist", use_model=False),
@@ -243,6 +247,7 @@ IMG2IMG = [
     _t("init-img-folder", lambda w: ["--init-img", str(w["folder"])], "is a folder, not an image file",
        script="img2img"),
     _t("init-img-dev-null", lambda w: ["--init-img", "/dev/null"], "not a regular file", script="img2img"),
+    _t("init-img-fifo", lambda w: ["--init-img", str(w["fifo"])], "not a regular file", script="img2img"),
     _t("init-img-empty", lambda w: ["--init-img", str(w["empty_png"])], "cannot read", script="img2img"),
     _t("init-img-text", lambda w: ["--init-img", str(w["text_png"])], "cannot read", script="img2img"),
     _t("init-img-truncated", lambda w: ["--init-img", str(w["truncated_png"])], "cannot read", script="img2img"),
