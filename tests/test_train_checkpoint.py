@@ -127,3 +127,21 @@ def test_crash_while_checkpointing_in_training_then_resume(tmp_path, monkeypatch
     trainer = run_training(cfg, tmp_path / "run", resume=last)
     assert trainer.step == 4 and torch.load(last, weights_only=True)["global_step"] == 4
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "step-00000004.ckpt")
+
+
+def test_temporary_names_are_unpredictable_and_never_follow_a_planted_link(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    names = {ckpt_io._tmp_path(target).name for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith(".last.ckpt.tmp-") for n in names)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("user data")
+    planted = tmp_path / ".last.ckpt.tmp-guessed"
+    planted.symlink_to(victim)
+    monkeypatch.setattr(ckpt_io, "_tmp_path", lambda path: planted)  # as if the name had been guessed
+    for write in (lambda: ckpt_io.atomic_save({"w": torch.ones(2)}, target),
+                  lambda: ckpt_io.atomic_write_bytes(b"x", target),
+                  lambda: ckpt_io.atomic_save_safetensors({"w": torch.ones(2)}, target, {})):
+        with pytest.raises(FileExistsError):
+            write()
+        assert victim.read_text() == "user data" and not target.exists()
+        assert planted.is_symlink()  # not this process's file: left alone

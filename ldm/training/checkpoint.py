@@ -9,7 +9,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -42,17 +42,45 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
 
 
+class _Temporary:
+    """A temporary file beside the target, created exclusively (an existing name or planted link is an error)."""
+
+    def __init__(self, target: Path) -> None:
+        self.path = _tmp_path(target)
+        self.created = False
+
+    def create(self) -> BinaryIO:
+        """The new empty file, open for writing."""
+        f = open(self.path, "xb")
+        self.created = True
+        return f
+
+    def link_from(self, src: Path) -> None:
+        """Make the temporary name a hard link of ``src`` (else a copy)."""
+        try:
+            os.link(src, self.path)
+            self.created = True
+        except FileExistsError:
+            raise
+        except OSError:
+            with open(src, "rb") as fin, self.create() as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+
+
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, else it is removed."""
-    tmp = _tmp_path(path)
+def _replacing(path: Path) -> Iterator[_Temporary]:
+    """Yield a temporary file beside ``path``; on success it replaces ``path`` atomically, else it is removed
+    (only if this process created it)."""
+    tmp = _Temporary(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        os.replace(tmp.path, path)
         _fsync_dir(path.parent)
     finally:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+        if tmp.created and (tmp.path.is_symlink() or tmp.path.exists()):
+            tmp.path.unlink()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -62,7 +90,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as tmp, open(tmp, "xb") as f:
+    with _replacing(path) as tmp, tmp.create() as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
@@ -72,7 +100,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename); mode 0644 under the usual umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as tmp, open(tmp, "xb") as f:
+    with _replacing(path) as tmp, tmp.create() as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -87,23 +115,17 @@ def atomic_save_safetensors(sd: Mapping[str, torch.Tensor], path: Path, metadata
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _replacing(path) as tmp:
-        open(tmp, "xb").close()  # created exclusively: a planted link cannot redirect the write
-        save_file(tensors, str(tmp), metadata=dict(metadata))
-        os.chmod(tmp, file_mode())  # safetensors writes 0600
-        with open(tmp, "rb+") as f:
+        tmp.create().close()  # created exclusively: a planted link cannot redirect the write
+        save_file(tensors, str(tmp.path), metadata=dict(metadata))
+        os.chmod(tmp.path, file_mode())  # safetensors writes 0600
+        with open(tmp.path, "rb+") as f:
             os.fsync(f.fileno())
 
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` (hard link, else copy), replacing ``dst`` atomically."""
     with _replacing(dst) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
+        tmp.link_from(src)
 
 
 def remove_stale_temporaries(folder: Path) -> None:
