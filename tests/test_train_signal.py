@@ -102,3 +102,31 @@ def test_sigint_finishes_the_step_and_resume_is_bit_identical(tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "grad_scalers", "rank_states"):
         assert _same(a[key], b[key], key) == []
+
+
+def test_a_repeated_signal_aborts_only_after_the_repeat_window(monkeypatch):
+    from ldm.training.distributed import DistContext
+    from ldm.training.stopping import StopRequest
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest(repeat_window_s=0.3) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C delivered twice (terminal + torchrun agent)
+        time.sleep(0.05)
+        assert stop.agreed(DistContext()) and stop.signal_name == "SIGINT"
+        time.sleep(0.3)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            aborted = False
+        except KeyboardInterrupt:
+            aborted = True
+    assert aborted
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with StopRequest(repeat_window_s=0.0) as stop:  # under torchrun the agent escalates, never a repeat
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored

@@ -3,8 +3,10 @@ saves and returns, so the checkpoint is a state of the uninterrupted run and a r
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -19,11 +21,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopRequest:
     """Context manager catching SIGINT/SIGTERM during training; a second signal aborts at once (no save).
 
-    Only the main thread can install handlers; elsewhere the signals keep their default behaviour.
+    A repeat within ``repeat_window_s`` counts as the same request (Ctrl-C under torchrun reaches a worker twice:
+    from the terminal, then forwarded by the agent); under torchrun repeats never abort, since the agent itself
+    escalates to SIGKILL after its timeout. Only the main thread can install handlers; elsewhere the signals keep
+    their default behaviour.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_window_s: float = 2.0) -> None:
         self.signal_name: str | None = None
+        self.repeat_window_s = repeat_window_s
+        self.abort_on_repeat = "TORCHELASTIC_RUN_ID" not in os.environ
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -39,11 +47,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.signal_name is not None:  # second request: stop now, without saving
-            logger.warning("%s again: aborting without saving", name)
+        if self.signal_name is not None:
+            if not self.abort_on_repeat or time.monotonic() - self._first_at < self.repeat_window_s:
+                logger.info("%s again: still finishing the current step", name)
+                return
+            logger.warning("%s again: aborting without saving", name)  # second request: stop now
             self.__exit__()
             raise KeyboardInterrupt
-        self.signal_name = name
+        self.signal_name, self._first_at = name, time.monotonic()
         logger.warning("%s: finishing the current step, then saving last.ckpt (send it again to abort without "
                        "saving)", name)
 
