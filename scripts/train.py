@@ -214,8 +214,9 @@ def train(args: argparse.Namespace) -> int:
         with logging_redirect_tqdm():
             trainer.fit()
         if trainer.interrupted:
-            print(f"train.py: stopped by {trainer.interrupted} at step {trainer.step}; last.ckpt holds it. "
-                  f"Continue with: python scripts/train.py --resume {logdir} -t", file=sys.stderr)
+            if ctx.is_main:
+                print(f"train.py: stopped by {trainer.interrupted} at step {trainer.step}; last.ckpt holds it. "
+                      f"Continue with: python scripts/train.py --resume {logdir} -t", file=sys.stderr)
             return EXIT_INTERRUPTED
         return 0
     finally:
