@@ -29,7 +29,8 @@ from ldm.inference.errors import EXIT_USAGE, UsageError  # noqa: E402
 from ldm.training.checkpoint import LAST, export_ema  # noqa: E402
 from ldm.training.config import (ConfigError, check_complete, check_sections, load_config,  # noqa: E402
                                  trainer_settings)
-from ldm.training.distributed import broadcast_object, env_rank_info, init_distributed, shutdown  # noqa: E402
+from ldm.training.distributed import (DistContext, broadcast_object, env_rank_info, init_distributed,  # noqa: E402
+                                      shutdown)
 from ldm.training.trainer import RunOptions, Trainer  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -179,7 +180,7 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(cfg: DictConfig, opts: RunOptions, ctx) -> Trainer:
+def _build(cfg: DictConfig, opts: RunOptions, ctx: DistContext) -> Trainer:
     """The trainer; bad data folders, models and resume checkpoints become one-line UsageErrors."""
     try:
         return Trainer(cfg, opts, ctx)
