@@ -194,8 +194,6 @@ def _marker_module(folder: Path) -> None:
         "        open(path, 'w').write('ran')\n")
 
 
-@pytest.mark.xfail(strict=True, reason="needs run.plan() to call loading.read_config(source.config_path, "
-                   "allow_unsafe=opts.unsafe_config); remove this marker with that line")
 def test_a_trusted_config_runs_its_own_code_with_the_opt_in(tiny, tmp_path: Path, monkeypatch, capsys):
     """A harmless non-project target (a loss module that writes a marker) is built only with --unsafe_config."""
     _marker_module(tmp_path)

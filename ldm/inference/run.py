@@ -133,7 +133,7 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     check_writable(opts.outdir)
     check_writable(opts.outdir / "samples")
     source = loading.resolve_source(opts.ckpt, opts.config, default_dir)
-    config = loading.read_config(source.config_path)
+    config = loading.read_config(source.config_path, allow_unsafe=opts.unsafe_config)
     geometry = loading.model_geometry(config, source.config_path)
     check_geometry(opts, geometry)
     f = geometry.factor
