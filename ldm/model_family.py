@@ -53,8 +53,7 @@ def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
         raise ValueError(f"no '{UNET_IN}' key: this is not a full Stable Diffusion checkpoint (a VAE or a LoRA "
                          f"file?). Pass a full model checkpoint, or a VAE with --vae.")
     if unet_in[1] == 9:
-        raise ValueError("this is an inpainting checkpoint (9 UNet input channels): txt2img/img2img need a "
-                         "regular text-to-image checkpoint")
+        return _inpainting_family(sd)
     if unet_in[0] != SD_UNET_CHANNELS and matches_default_model(sd):
         return Family("sd-shapes", DEFAULT_MODEL_DIR / "config.yaml")
     if any(k.startswith(SD1_TEXT) for k in sd):
@@ -71,6 +70,16 @@ def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
     raise ValueError("unknown text encoder layout (neither SD 1 CLIP nor SD 2 OpenCLIP keys): pass --config")
 
 
+def _inpainting_family(sd: Mapping[str, Any]) -> Family:
+    """SD 1.5 or SD 2 inpainting (9 UNet input channels: latent, mask, masked-image latent), by the text encoder."""
+    if any(k.startswith(SD1_TEXT) for k in sd):
+        return Family("sd1-inpainting", CONFIG_DIR / "v1-inpainting-inference.yaml")
+    if any(k.startswith(SD2_TEXT) for k in sd):
+        return Family("sd2-inpainting", CONFIG_DIR / "v2-inpainting-inference.yaml")
+    raise ValueError("an inpainting checkpoint (9 UNet input channels) with an unknown text encoder layout "
+                     "(neither SD 1 CLIP nor SD 2 OpenCLIP keys): pass --config")
+
+
 def describe_mismatch_hint(sd: Mapping[str, Any], model_sd: Mapping[str, Any]) -> str:
     """One-line hint naming the config that would fit ``sd`` better than the model's, or ''."""
     try:
@@ -83,6 +92,8 @@ def describe_mismatch_hint(sd: Mapping[str, Any], model_sd: Mapping[str, Any]) -
         mine = detect_family(model_sd)
     except ValueError:
         mine = None
+    if fam.name.endswith("-inpainting") and (mine is None or mine.name != fam.name):
+        return f"this looks like an inpainting checkpoint: use configs/stable-diffusion/{fam.config.name}"
     if mine is not None and mine.name.startswith(fam.name[:3]):
         return ""
     if fam.name == "sd1":

@@ -380,3 +380,4 @@ class LatentDiffusion(DDPM):
             z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
             self.scale_factor.copy_(1.0 / z.flatten().std())
             logger.info("setting scale_factor to %.6f", float(self.scale_factor))
+from ldm.models.diffusion.inpaint_model import LatentFinetuneDiffusion, LatentInpaintDiffusion  # noqa: E402,F401
