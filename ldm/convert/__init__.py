@@ -1,0 +1,1 @@
+"""Conversions between this project's checkpoint layout and other layouts (diffusers folders)."""
