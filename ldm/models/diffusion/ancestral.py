@@ -117,6 +117,8 @@ def sample_model(model: Any, x_T: torch.Tensor, cond: Any = None, *, method: str
 
     logger.info("DDIM sampling over %d respaced steps, eta %g", len(use), eta)
     s0 = float(sigmas[0])
-    x = sample_ddim(denoiser.bind(cond), x_T * (1.0 + s0 * s0) ** 0.5, sigmas, callback=log,
+    bar = iter(progress_iter(range(len(use)), progress, "DDIM Sampler", len(use)))
+    x = sample_ddim(denoiser.bind(cond), x_T * (1.0 + s0 * s0) ** 0.5, sigmas,
+                    callback=lambda info: (log(info), next(bar, None)),
                     noise=gaussian_noise(x_T, generator), eta=eta, denoised_fn=denoised_fn)
     return x, inter
