@@ -24,6 +24,8 @@ setup(
         "train": ["tensorboard"],  # optional event files (trainer.tensorboard); nothing else training needs
         # oracles: k-diffusion's samplers (installed with --no-deps by .ci/run: its own requirements pull in wandb
         # and more; sampling needs scipy and torchdiffeq), diffusers (UniPC), sd-parsers (PNG parameters)
-        "test": ["pytest>=7", "scipy", "torchdiffeq", "diffusers==0.42.1", "sd-parsers==0.6"],
+        # transformers + peft: diffusers' text encoders and load_lora_weights (diffusers folders, LoRA oracles)
+        "test": ["pytest>=7", "scipy", "torchdiffeq", "diffusers==0.42.1", "sd-parsers==0.6", "transformers==5.24.0",
+                 "peft==0.21.2"],
     },
 )

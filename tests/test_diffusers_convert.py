@@ -77,3 +77,69 @@ def test_unknown_unet_key_is_named(tmp_path):
     params = _tiny_params(tmp_path).unet_config.params
     with pytest.raises(KeyError, match="lora_unet_stray"):
         dk.unet_to_diffusers({"lora_unet_stray.weight": torch.zeros(1)}, params)
+
+
+OPEN_CLIP_TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 16, "width": 16, "layers": 1,
+                                                  "head_width": 16},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}}
+
+
+def _transformers_round_trip(transformers, folder: Path, cfg: dict, sd: dict):
+    """A transformers CLIPTextModel loaded from a folder holding ``sd``, and the state dict it saves back."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    (folder / "in").mkdir(parents=True)
+    (folder / "in" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(folder / "in" / "model.safetensors"))
+    model = transformers.CLIPTextModel.from_pretrained(str(folder / "in")).eval()
+    model.save_pretrained(str(folder / "out"))
+    return model, load_file(str(folder / "out" / "model.safetensors"))
+
+
+def _tokens() -> torch.Tensor:
+    ids = torch.randint(0, 49406, (2, 77))
+    ids[:, 0], ids[:, 9:] = 49406, 49407
+    return ids
+
+
+def test_sd1_text_encoder_to_transformers_and_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ldm.convert.diffusers_text import text_config, text_from_diffusers, text_to_diffusers
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    from tiny_model import write_tiny_model
+    write_tiny_model(tmp_path)
+    ours = _randomise(FrozenCLIPEmbedder(version=str(tmp_path / "tiny-text")), 3)
+    sd = ours.state_dict()
+    cfg = text_config(sd, heads=2)
+    theirs, saved = _transformers_round_trip(transformers, tmp_path / "hf", cfg, text_to_diffusers(sd))
+    ids = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).last_hidden_state, ours.encode_tokens(ids), atol=1e-5, rtol=1e-5)
+    back = text_from_diffusers(saved, open_clip=False)
+    expected = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], v) for k, v in expected.items())
+
+
+def test_sd2_open_clip_text_encoder_to_transformers_and_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ldm.convert.diffusers_text import complete_open_clip, text_config, text_from_diffusers, text_to_diffusers
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    ours = _randomise(FrozenOpenCLIPEmbedder(version=None, arch_config=OPEN_CLIP_TINY, layer="penultimate"), 4)
+    sd = ours.state_dict()
+    cfg = text_config(sd, heads=2, keep_blocks=2)
+    assert cfg["num_hidden_layers"] == 2 and cfg["hidden_act"] == "gelu"
+    theirs, saved = _transformers_round_trip(transformers, tmp_path, cfg, text_to_diffusers(sd, keep_blocks=2))
+    ids = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).last_hidden_state, ours.encode_tokens(ids), atol=1e-5, rtol=1e-5)
+    back = text_from_diffusers(saved, open_clip=True)
+    filled = complete_open_clip(back, sd, unused_blocks=1)
+    assert sorted(filled) == sorted(k for k in sd if "resblocks.2." in k or k.endswith(("text_projection",
+                                                                                         "logit_scale")))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in sd.items() if k not in filled)
+    reloaded = FrozenOpenCLIPEmbedder(version=None, arch_config=OPEN_CLIP_TINY, layer="penultimate")
+    reloaded.load_state_dict(back, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_tokens(ids), ours.encode_tokens(ids))
