@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ldm import samplers
 from ldm.inference.errors import UsageError
@@ -14,7 +14,7 @@ from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
 PRECISIONS = ("full", "autocast")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-MODES = ("txt2img", "img2img")
+MODES = ("txt2img", "img2img", "inpaint")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Options:
     unsafe_config: bool = False
     allow_large: bool = False
     schedule: Optional[str] = None  # None: the sampler's default
+    inpaint: Optional[Any] = None  # ldm.inference.inpaint.InpaintOptions in the inpaint mode
 
     @property
     def sampler_choice(self) -> samplers.SamplerChoice:
@@ -118,7 +119,7 @@ def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
     g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,
                    help="fresh-noise amount of a stochastic sampler: DDIM's eta (default 0), the ancestral and SDE "
                         "samplers' eta (default 1; 0 makes them deterministic)")
-    g.add_argument("--scale", type=float, default=7.5 if mode == "txt2img" else 5.0,
+    g.add_argument("--scale", type=float, default=5.0 if mode == "img2img" else 7.5,
                    help="classifier-free guidance scale (1: no guidance)")
     g.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
     g.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
@@ -127,11 +128,13 @@ def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
     g.add_argument("--C", type=int, default=None, help="latent channels (default and only valid value: the model's)")
     g.add_argument("--f", type=int, default=None, help="downsampling factor (default and only valid value: the "
                                                          "model's)")
-    if mode == "img2img":
+    if mode in ("img2img", "inpaint"):
         g.add_argument("--init-img", "--init_img", dest="init_img", type=Path, default=None,
                        help="the input image (resized to a multiple of the model's factor)")
-        g.add_argument("--strength", type=float, default=0.75,
-                       help="how much to change the input image: 0 keeps it, 1 replaces it")
+        g.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
+                       help="how much to change the input image: 0 keeps it, 1 replaces it" + (
+                           "" if mode == "img2img" else " (default 1 for inpainting models and outpainting, "
+                                                        "else 0.75)"))
 
 
 def _prompt_flags(p: argparse.ArgumentParser) -> None:
@@ -181,13 +184,18 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     """The parser of ``scripts/<mode>.py`` (``txt2img`` or ``img2img``) with both SD generations' spellings."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
-    what = "images from text" if mode == "txt2img" else "a new image from an input image and text"
+    what = {"txt2img": "images from text", "img2img": "a new image from an input image and text",
+            "inpaint": "a new version of the masked part of an image (or a larger canvas) from text"}[mode]
     p = _Parser(prog=f"{mode}.py", description=f"Generate {what} with a Stable Diffusion style model.")
     _prompt_flags(p)
     _sampling_flags(p, mode)
     _model_flags(p)
     _output_flags(p, mode)
     _speed_flags(p)
+    if mode == "inpaint":
+        from ldm.inference.inpaint import add_flags
+
+        add_flags(p)
     return p
 
 
@@ -303,8 +311,8 @@ def _check_prompt_source(ns: argparse.Namespace) -> None:
     if ns.repeat != 1 and ns.from_file is None:
         raise UsageError("--repeat applies to --from-file prompts; use --n_samples/--n_iter for more images of "
                          "one prompt")
-    if ns.mode == "img2img" and ns.init_img is None:
-        raise UsageError("img2img needs an input image: pass --init-img PATH")
+    if ns.mode in ("img2img", "inpaint") and ns.init_img is None:
+        raise UsageError(f"{ns.mode} needs an input image: pass --init-img PATH")
 
 
 def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
@@ -313,6 +321,12 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
     ns.mode = mode
     if mode == "txt2img":
         ns.init_img, ns.strength = None, 0.75
+    inpaint = None
+    if mode == "inpaint":
+        from ldm.inference.inpaint import options_from
+
+        inpaint = options_from(ns, _check_file(ns.mask, "--mask", "image"))
+        ns.strength = ns.strength if ns.strength is not None else 1.0
     ns.n_samples = ns.n_samples if ns.n_samples is not None else (3 if mode == "txt2img" else 2)
     ns.n_iter = ns.n_iter if ns.n_iter is not None else (2 if mode == "txt2img" else 1)
     _sampler_help(ns)
@@ -337,7 +351,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
         safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
-        fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large)
+        fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint)
 
 
 def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:

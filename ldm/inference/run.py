@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import accel, limits, loading, pipeline
+from ldm.inference import accel, inpaint, limits, loading, pipeline
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.samplers.schedules import USER_SCHEDULES
@@ -47,6 +47,7 @@ class Plan:
     height: int
     prompts: list[str]
     init_image: Optional[Image.Image] = None
+    canvas: Optional[inpaint.Canvas] = None  # the inpaint mode's picture and mask
 
 
 @dataclass
@@ -136,6 +137,8 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     config = loading.read_config(source.config_path, allow_unsafe=opts.unsafe_config)
     geometry = loading.model_geometry(config, source.config_path)
     check_geometry(opts, geometry)
+    inpaint.check_mode(opts.mode, config, source.config_path)
+    opts = inpaint.with_default_strength(opts, config)
     f = geometry.factor
     width = _valid_side("--W", opts.width, f) if opts.width is not None else None
     height = _valid_side("--H", opts.height, f) if opts.height is not None else None
@@ -144,22 +147,27 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     if opts.mode == "img2img":
         init_image = pipeline.load_init_image(opts.init_img, f, width, height, opts.allow_large)
         width, height = init_image.size
+    canvas = None
+    if opts.mode == "inpaint":
+        canvas = inpaint.plan_canvas(opts, opts.inpaint, f, width, height, geometry.native_pixels)
+        width, height = canvas.size
     width = width or geometry.native_pixels
     height = height or geometry.native_pixels
-    p = Plan(opts, source, config, geometry, width, height, prompts, init_image)
+    p = Plan(opts, source, config, geometry, width, height, prompts, init_image, canvas)
     _check_limits(p)
     return p
 
 
 def _parameters(p: Plan, prompt: str, seed: int, model_hash: str) -> str:
     o = p.opts
-    return format_parameters(ImageParameters(
+    text = format_parameters(ImageParameters(
         prompt=prompt, negative_prompt=o.negative_prompt, steps=o.steps, sampler=o.sampler_label,
         schedule_type=o.sampler_choice.schedule_label if o.sampler_choice.schedule in USER_SCHEDULES else None,
         cfg_scale=o.scale, seed=seed, width=p.width, height=p.height, model=p.source.name, model_hash=model_hash,
-        denoising_strength=o.strength if o.mode == "img2img" else None,
+        denoising_strength=o.strength if o.mode in ("img2img", "inpaint") else None,
         eta=o.eta if o.eta is not None and o.eta != o.sampler_choice.spec.eta else None,
         vae=o.vae.stem if o.vae is not None else None))
+    return inpaint.add_settings(text, o.inpaint) if o.inpaint is not None else text
 
 
 class _Generation:
@@ -184,6 +192,10 @@ class _Generation:
                 mean, std = pipeline.encode_init(self.model, init)
                 self.posterior = (mean.float(), std.float())
             self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps, o.strength)
+        elif o.mode == "inpaint":
+            with torch.no_grad(), self.precision.scope():
+                self.prepared = inpaint.prepare(self.model, p.canvas, inpaint.config_is_inpainting(p.config), o.device)
+            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps, o.strength)
         else:
             self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps)
 
@@ -197,6 +209,9 @@ class _Generation:
             if o.mode == "img2img":
                 return pipeline.sample_img2img(self.model, self.sampler, self.posterior, cond, uncond, o.steps,
                                                o.strength, o.scale, gens, o.eta, callback)
+            if o.mode == "inpaint":
+                return inpaint.sample_inpaint(self.model, self.sampler, self.prepared, cond, uncond, o.steps,
+                                              o.strength, o.scale, gens, o.eta, callback)
             x_T = pipeline.draw(gens, self.shape, o.device)
             return pipeline.sample_txt2img(self.model, self.sampler, x_T, cond, uncond, o.steps, o.scale, gens, o.eta,
                                            callback)
@@ -205,6 +220,8 @@ class _Generation:
     def images(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
         """Decoded, safety-checked PIL images of a batch and which of them were flagged."""
         images = pipeline.to_numpy(pipeline.decode(self.model, latents, self.precision))
+        if self.plan.canvas is not None:  # pasted into the input through the blurred mask
+            images = inpaint.to_array(inpaint.composite(self.prepared, numpy_to_pil(images)))
         flags = [False] * len(images)
         if self.checker is not None:
             images, flags = self.checker.check(images)
