@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -123,7 +125,7 @@ def test_sd1_text_encoder_to_transformers_and_back(tmp_path):
 
 def test_sd2_open_clip_text_encoder_to_transformers_and_back(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from ldm.convert.diffusers_text import complete_open_clip, text_config, text_from_diffusers, text_to_diffusers
+    from ldm.convert.diffusers_text import add_unused_open_clip, text_config, text_from_diffusers, text_to_diffusers
     from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
     ours = _randomise(FrozenOpenCLIPEmbedder(version=None, arch_config=OPEN_CLIP_TINY, layer="penultimate"), 4)
     sd = ours.state_dict()
@@ -134,7 +136,7 @@ def test_sd2_open_clip_text_encoder_to_transformers_and_back(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).last_hidden_state, ours.encode_tokens(ids), atol=1e-5, rtol=1e-5)
     back = text_from_diffusers(saved, open_clip=True)
-    filled = complete_open_clip(back, sd, unused_blocks=1)
+    filled = add_unused_open_clip(back, projection_dim=16)
     assert sorted(filled) == sorted(k for k in sd if "resblocks.2." in k or k.endswith(("text_projection",
                                                                                          "logit_scale")))
     assert back.keys() == sd.keys()
@@ -143,3 +145,126 @@ def test_sd2_open_clip_text_encoder_to_transformers_and_back(tmp_path):
     reloaded.load_state_dict(back, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode_tokens(ids), ours.encode_tokens(ids))
+
+
+# Whole folders: scripts/convert.py both ways, diffusers' pipeline loading them, txt2img --ckpt FOLDER.
+
+def _convert(*args: str) -> int:
+    from tiny_model import load_script
+    return load_script("convert").main(list(args))
+
+
+def _tiny_sd2(folder: Path) -> tuple[Path, Path]:
+    """A tiny SD 2-style model (OpenCLIP text tower read at its penultimate block, linear projections, v)."""
+    from ldm.checkpoint import save_safetensors
+    from ldm.util import instantiate_from_config
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(folder)
+    params = cfg["model"]["params"]
+    params["parameterization"] = "v"
+    params["unet_config"]["params"].update(num_heads=-1, num_head_channels=16, use_linear_in_transformer=True)
+    params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                   "params": {"version": None, "layer": "penultimate", "arch_config": OPEN_CLIP_TINY}}
+    config = OmegaConf.create(cfg)
+    OmegaConf.save(config, folder / "tiny2.yaml")
+    model = _randomise(instantiate_from_config(config.model), 5)
+    save_safetensors(model.state_dict(), folder / "tiny2.safetensors")
+    return folder / "tiny2.yaml", folder / "tiny2.safetensors"
+
+
+def _our_model(config: Path, ckpt: Path):
+    from ldm.checkpoint import load_model_from_config
+    return load_model_from_config(OmegaConf.load(config), ckpt)
+
+
+def _compare_with_pipeline(ours, folder: Path, prompt: str = "a red circle") -> None:
+    """diffusers' pipeline, loaded from ``folder``, computes what our model computes (tokenizer included)."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([321])
+    with torch.no_grad():
+        ctx = ours.cond_stage_model.encode([prompt])
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, ctx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=ctx).sample, ours.apply_model(x, t, ctx),
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample,
+                                   ours.decode_first_stage(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sd1_checkpoint_to_folder_and_back(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    from tiny_model import write_tiny_model
+    config, ckpt = write_tiny_model(tmp_path)
+    assert _convert(str(ckpt), str(tmp_path / "folder"), "--config", str(config)) == 0
+    scheduler = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon" and scheduler["beta_schedule"] == "scaled_linear"
+    _compare_with_pipeline(_our_model(config, ckpt), tmp_path / "folder")
+    assert _convert(str(tmp_path / "folder"), str(tmp_path / "back.safetensors"), "--config", str(config)) == 0
+    original, back = load_file(str(ckpt)), load_file(str(tmp_path / "back.safetensors"))
+    original.pop("cond_stage_model.transformer.text_model.embeddings.position_ids", None)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_sd2_v_checkpoint_to_folder_and_back(tmp_path):
+    pytest.importorskip("transformers")
+    from ldm.convert.diffusers_folder import family_config, read_diffusers_folder
+    from safetensors.torch import load_file
+    config, ckpt = _tiny_sd2(tmp_path)
+    assert _convert(str(ckpt), str(tmp_path / "folder"), "--config", str(config)) == 0
+    text_cfg = json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())
+    assert text_cfg["num_hidden_layers"] == 2 and text_cfg["hidden_act"] == "gelu"
+    _compare_with_pipeline(_our_model(config, ckpt), tmp_path / "folder")
+    read = read_diffusers_folder(tmp_path / "folder")
+    assert read.prediction_type == "v_prediction" and read.open_clip
+    assert family_config(read, tmp_path / "folder").name == "v2-inference-v.yaml"
+    assert _convert(str(tmp_path / "folder"), str(tmp_path / "back.safetensors"), "--config", str(config)) == 0
+    original, back = load_file(str(ckpt)), load_file(str(tmp_path / "back.safetensors"))
+    unused = {k for k in original if ".resblocks.2." in k or k.endswith(("text_projection", "logit_scale"))}
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items() if k not in unused)
+
+
+def test_txt2img_reads_a_diffusers_folder(tmp_path):
+    pytest.importorskip("transformers")
+    import shutil
+    from tiny_model import load_script, model_args, pixels, samples, write_tiny_model
+    txt2img = load_script("txt2img")
+    tiny = write_tiny_model(tmp_path)
+    folder = tmp_path / "tiny-diffusers"
+    assert _convert(str(tiny[1]), str(folder), "--config", str(tiny[0])) == 0
+    common = ["--prompt", "a red circle", "--n_samples", "1", "--n_iter", "1", "--skip_grid"]
+    assert txt2img.main(common + model_args(tiny) + ["--outdir", str(tmp_path / "a")]) == 0
+    shutil.copy(tiny[0], tmp_path / "tiny-diffusers.yaml")  # the config beside the folder, as for checkpoints
+    assert txt2img.main(common + ["--ckpt", str(folder), "--no_safety_check", "--ddim_steps", "2",
+                                  "--outdir", str(tmp_path / "b")]) == 0
+    (a,), (b,) = samples(tmp_path / "a"), samples(tmp_path / "b")
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_bad_folders_and_outputs_are_one_line_exit_2(tmp_path, capsys):
+    from tiny_model import load_script, write_tiny_model
+    txt2img = load_script("txt2img")
+    config, ckpt = write_tiny_model(tmp_path)
+    folder = tmp_path / "folder"
+    assert _convert(str(ckpt), str(folder), "--config", str(config)) == 0
+    capsys.readouterr()
+    assert _convert(str(ckpt), str(folder), "--config", str(config)) == 2
+    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert _convert(str(ckpt), str(tmp_path / "mine"), "--config", str(config), "--force") == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert _convert(str(ckpt), str(folder), "--config", str(config), "--force") == 0
+    assert not list(tmp_path.glob(".folder.*"))  # no temporaries or old copies left
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-100])
+    capsys.readouterr()
+    run = ["--prompt", "x", "--outdir", str(tmp_path / "out"), "--no_safety_check", "--config", str(config)]
+    assert txt2img.main(run + ["--ckpt", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "truncated" in err
+    (tmp_path / "plain").mkdir()
+    assert txt2img.main(run + ["--ckpt", str(tmp_path / "plain")]) == 2
+    assert "folder" in capsys.readouterr().err

@@ -105,25 +105,6 @@ def text_from_diffusers(sd: Mapping[str, torch.Tensor], open_clip: bool) -> dict
     return out
 
 
-def complete_open_clip(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                       unused_blocks: int) -> list[str]:
-    """Fill the SD 2 entries a diffusers folder omits and the encoder never reads, in place; returns their names.
-
-    ``expected`` is the model's own text-encoder state dict (``cond_stage_model``-local names); the last
-    ``unused_blocks`` blocks, ``text_projection`` and ``logit_scale`` get zeros (``logit_scale``: CLIP's ln(1/0.07)).
-    Anything else missing is left for the strict loader to report.
-    """
-    layers = open_clip_layers(expected)
-    unused = tuple(f"{OPEN_CLIP}{_OPEN_BLOCK}{i}." for i in range(layers - unused_blocks, layers))
-    filled = []
-    for key, ref in expected.items():
-        if key in sd or not (key.startswith(unused) or key[len(OPEN_CLIP):] in _UNUSED_SD2):
-            continue
-        sd[key] = torch.full_like(ref, math.log(1 / 0.07)) if key.endswith("logit_scale") else torch.zeros_like(ref)
-        filled.append(key)
-    return filled
-
-
 def text_config(sd: Mapping[str, torch.Tensor], heads: int, keep_blocks: int | None = None,
                 hidden_act: str = "quick_gelu", eps: float = 1e-5) -> dict[str, Any]:
     """transformers ``CLIPTextConfig`` values for our text encoder state dict (``cond_stage_model``-local names)."""
@@ -147,3 +128,22 @@ def text_config(sd: Mapping[str, torch.Tensor], heads: int, keep_blocks: int | N
             "num_attention_heads": int(heads), "max_position_embeddings": int(positions), "hidden_act": hidden_act,
             "layer_norm_eps": eps, "projection_dim": proj_dim, "bos_token_id": 49406, "eos_token_id": 49407,
             "pad_token_id": 1}
+
+
+def add_unused_open_clip(sd: dict[str, torch.Tensor], projection_dim: int) -> list[str]:
+    """Append, in place, the OpenCLIP entries SD 2 never reads and diffusers folders omit; returns their names.
+
+    One more residual block (zeros, shaped as block 0: SD 2 encodes with the penultimate block), ``text_projection``
+    [width, projection_dim] (zeros) and ``logit_scale`` (CLIP's initial ln(1/0.07)).
+    """
+    last = open_clip_layers(sd)
+    first = f"{OPEN_CLIP}{_OPEN_BLOCK}0."
+    added = {f"{OPEN_CLIP}{_OPEN_BLOCK}{last}." + k[len(first):]: torch.zeros_like(v)
+             for k, v in sd.items() if k.startswith(first)}
+    width = sd[OPEN_CLIP + "token_embedding.weight"].shape[1]
+    dtype = sd[OPEN_CLIP + "token_embedding.weight"].dtype
+    added[OPEN_CLIP + "text_projection"] = torch.zeros(width, projection_dim, dtype=dtype)
+    added[OPEN_CLIP + "logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    added = {k: v for k, v in added.items() if k not in sd}  # a CLIPTextModelWithProjection has its projection
+    sd.update(added)
+    return sorted(added)

@@ -85,7 +85,8 @@ class _Parser(argparse.ArgumentParser):
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", type=Path, default=None,
-                   help="checkpoint (.safetensors or .ckpt); default: the embedded default model")
+                   help="checkpoint (.safetensors or .ckpt) or diffusers model folder; default: the embedded default "
+                        "model")
     g.add_argument("--config", type=Path, default=None,
                    help="model config yaml; default: <ckpt>.yaml beside the checkpoint, else inferred from its keys")
     g.add_argument("--vae", type=Path, default=None, help="external autoencoder (VAE) weights to use instead")
@@ -253,6 +254,15 @@ def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
     return path
 
 
+def _check_ckpt(path: Optional[Path]) -> Optional[Path]:
+    """--ckpt: a checkpoint file, or a diffusers model folder (with model_index.json)."""
+    from ldm.convert.diffusers_folder import is_diffusers_folder
+
+    if path is not None and is_diffusers_folder(path.expanduser()):
+        return path.expanduser()
+    return _check_file(path, "--ckpt", "checkpoint")
+
+
 MAX_SCALE = 50.0  # |--scale| above this only saturates the picture (the common web UIs stop at 30)
 MAX_ETA = 1.0  # DDIM's eta > 1 makes the noise larger than the remaining signal allows (NaN pictures)
 
@@ -345,7 +355,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         negative_prompt=ns.negative_prompt, outdir=ns.outdir.expanduser(), steps=ns.steps, sampler=choice.spec.name,
         schedule=choice.schedule, eta=ns.ddim_eta, n_iter=ns.n_iter, n_samples=ns.n_samples, n_rows=ns.n_rows or ns.n_samples,
         height=ns.H, width=ns.W, latent_channels=ns.C, factor=ns.f, scale=ns.scale, fixed_code=ns.fixed_code,
-        config=_check_file(ns.config, "--config", "config"), ckpt=_check_file(ns.ckpt, "--ckpt", "checkpoint"),
+        config=_check_file(ns.config, "--config", "config"), ckpt=_check_ckpt(ns.ckpt),
         vae=_check_file(ns.vae, "--vae", "VAE"), use_ema=ns.use_ema, seed=ns.seed, precision=ns.precision,
         bf16=ns.bf16, device=resolve_device(ns.device), skip_grid=ns.skip_grid, skip_save=ns.skip_save,
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,

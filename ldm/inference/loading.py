@@ -101,10 +101,27 @@ def resolve_source(ckpt: Optional[Path], config: Optional[Path],
     """Model source from --ckpt/--config (both optional; a config alone is refused by argument validation)."""
     if ckpt is None:
         return default_model_source(default_dir)
+    if ckpt.is_dir():
+        return diffusers_source(ckpt, config)
     state_dict = None
     if config is None:
         config, state_dict = infer_config(ckpt)
     return ModelSource(config, ckpt, ckpt.stem, state_dict=state_dict)
+
+
+def diffusers_source(folder: Path, config: Optional[Path]) -> ModelSource:
+    """A diffusers model folder as a source: its weights converted to our layout; the config is ``config``, else
+    ``<folder>.yaml`` beside it, else the family of its keys (eps or v from its scheduler config)."""
+    from ldm.convert.diffusers_folder import family_config, is_diffusers_folder, read_diffusers_folder, sidecar_config
+
+    if not is_diffusers_folder(folder):
+        raise UsageError(f"--ckpt '{folder}' is a folder without model_index.json: pass a checkpoint file, or a "
+                         f"diffusers model folder")
+    model = read_diffusers_folder(folder)
+    if config is None:
+        config = sidecar_config(folder) or family_config(model, folder)
+        logger.info("diffusers folder '%s': using config %s", folder.name, config)
+    return ModelSource(config, model.unet_file, folder.name, state_dict=model.state_dict)
 
 
 def read_config(path: Path, allow_unsafe: bool = False) -> Any:
