@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from ldm import samplers
 from ldm.inference.errors import UsageError
 from ldm.models.diffusion.denoiser import ModelDenoiser
-from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.samplers import SamplerChoice, SigmaDenoiser, StepInfo
+from ldm.samplers.denoiser import guided
 from ldm.samplers.noise import draw
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
 
 def guided_denoiser(model: Any, uncond: Optional[torch.Tensor], scale: float) -> SigmaDenoiser:
     """The model as the samplers see it: D(x, sigma, cond) with classifier-free guidance (uncond first)."""
-    return SigmaDenoiser(ClassifierFreeGuidance(ModelDenoiser(model), uncond, scale))
+    return guided(ModelDenoiser(model), uncond, scale)
 
 
 def sampler_steps(model: Any, choice: SamplerChoice, steps: int, strength: Optional[float] = None) -> int:

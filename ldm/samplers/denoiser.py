@@ -66,6 +66,14 @@ class SigmaDenoiser:
         return lambda x, sigma: self(x, sigma, cond)
 
 
+def guided(denoiser: Any, uncond: Any = None, scale: float = 1.0) -> SigmaDenoiser:
+    """D(x, sigma, cond) of a raw denoiser (e.g. :class:`~ldm.models.diffusion.denoiser.ModelDenoiser`) with
+    classifier-free guidance: one batched pass over [uncond; cond] when ``scale`` != 1."""
+    from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+
+    return SigmaDenoiser(ClassifierFreeGuidance(denoiser, uncond, scale))
+
+
 def masked(denoise: DenoiseFn, known: torch.Tensor, mask: torch.Tensor) -> DenoiseFn:
     """Keep the known region: D' = mask * known + (1 - mask) * D (mask 1 = keep; the web UI's inpainting with
     any model, so it works with every sampler); known [B, ...] clean latents, mask broadcastable on them."""

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from ldm.models.diffusion.denoiser import ModelDenoiser
-from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.modules.diffusionmodules.schedules import make_ddim_sampling_parameters, make_ddim_timesteps
-from ldm.samplers.denoiser import DenoiseFn, SigmaDenoiser, masked
-from ldm.samplers.noise import gaussian_noise, randn_like, scaled_noise
+from ldm.samplers.denoiser import DenoiseFn, guided, masked
+from ldm.samplers.noise import gaussian_noise, scaled_noise
 from ldm.samplers.schedules import append_zero, model_sigmas
 from ldm.samplers.steps import StepInfo
 
@@ -86,11 +85,11 @@ class OriginalSampler:
                  ucg_schedule: Optional[Sequence[float]] = None, score_corrector: Any = None,
                  corrector_kwargs: Optional[dict] = None) -> DenoiseFn:
         """D(x, sigma) of the guided model, with the per-step scales and the score corrector if given."""
-        base = SigmaDenoiser(ClassifierFreeGuidance(self.denoiser, uncond, scale))
+        base = guided(self.denoiser, uncond, scale)
         if ucg_schedule is not None:
             steps = {float(s): i for i, s in enumerate(sigmas[:-1])}
-            guided = [SigmaDenoiser(ClassifierFreeGuidance(self.denoiser, uncond, g)) for g in ucg_schedule]
-            fn: DenoiseFn = lambda x, s: guided[steps.get(float(s[0]), 0)](x, s, cond)  # noqa: E731
+            per_step = [guided(self.denoiser, uncond, g) for g in ucg_schedule]
+            fn: DenoiseFn = lambda x, s: per_step[steps.get(float(s[0]), 0)](x, s, cond)  # noqa: E731
         else:
             fn = base.bind(cond)
         if score_corrector is None:
@@ -202,4 +201,4 @@ class OriginalSampler:
                 "denoised_fn": self.denoised_fn(quantize_x0, dynamic_threshold)}
 
 
-__all__ = ["OriginalSampler", "conditioning_batch_size", "norm_thresholding", "randn_like"]
+__all__ = ["OriginalSampler", "conditioning_batch_size", "norm_thresholding"]
