@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,11 +347,18 @@ def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
     from safetensors.torch import save_file
 
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    # an unpredictable name created exclusively: a planted file or link there cannot redirect the write
+    fd, name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors (and mkstemp) write 0600; files here get the usual mode
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, p)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)

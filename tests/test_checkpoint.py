@@ -194,3 +194,22 @@ def test_save_safetensors_is_atomic(tmp_path, monkeypatch):
         save_safetensors({"a": torch.zeros(2)}, target)
     assert torch.equal(load_state_dict_file(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_save_safetensors_mode_and_planted_links(tmp_path):
+    """The usual file mode (not safetensors' 0600), and a link planted at the old predictable temporary name is
+    neither followed nor removed."""
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    target = tmp_path / "w.safetensors"
+    planted = tmp_path / f".{target.name}.tmp-{os.getpid()}"
+    planted.symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"a": torch.ones(2)}, target)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644 and victim.read_text() == "keep" and planted.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, victim.name, planted.name])
