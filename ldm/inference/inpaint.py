@@ -92,11 +92,13 @@ def config_is_inpainting(config: Any) -> bool:
     return int(unet.get("in_channels", 0)) > int(params.get("channels", 4))
 
 
-def check_mode(mode: str, config: Any, path: Any) -> None:
+def check_mode(mode: str, config: Any, source: Any) -> None:
     """UsageError when txt2img/img2img is asked of an inpainting model (it needs a mask and an image)."""
     if mode != "inpaint" and config_is_inpainting(config):
-        raise UsageError(f"'{path}' describes an inpainting model (its UNet takes a mask and a masked image): "
-                         f"use scripts/inpaint.py --init-img IMAGE --mask MASK")
+        what = (f"'{Path(source.ckpt_path).name}' is an inpainting checkpoint" if source.ckpt_path is not None else
+                f"'{source.config_path}' describes an inpainting model")
+        raise UsageError(f"{what} (its UNet also takes a mask and a masked image): use scripts/inpaint.py "
+                         f"--init-img IMAGE --mask MASK, or a regular text-to-image checkpoint")
 
 
 def with_default_strength(opts: Any, config: Any) -> Any:
