@@ -177,7 +177,7 @@ def _no_output(out: Path) -> bool:
 @pytest.mark.parametrize("case,expected", [
     ("missing", "does not exist"), ("not_image", "cannot read"), ("black", "repaints nothing"),
     ("no_mask", "needs a mask"), ("bad_pad", "multiple of 2"), ("pad_text", "LEFT,RIGHT,TOP,BOTTOM"),
-    ("full_res_and_pad", "do not go together"),
+    ("full_res_and_pad", "do not go together"), ("huge_pad", "outpainted canvas would be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case, expected):
     init = write_picture(tmp_path / "in.png")
@@ -186,7 +186,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case, expected
     extra = {"missing": ["--mask", str(tmp_path / "nope.png")], "not_image": ["--mask", str(tmp_path / "notes.png")],
              "black": ["--mask", str(black)], "no_mask": [], "bad_pad": ["--outpaint", "3,0,0,0"],
              "pad_text": ["--outpaint", "left"],
-             "full_res_and_pad": ["--outpaint", "8,8,8,8", "--inpaint_full_res", "--mask", str(black)]}[case]
+             "full_res_and_pad": ["--outpaint", "8,8,8,8", "--inpaint_full_res", "--mask", str(black)],
+             "huge_pad": ["--outpaint", "0,100000,0,0"]}[case]
     out = tmp_path / "out"
     assert run(tiny, out, init, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ldm import samplers
-from ldm.inference import pipeline
+from ldm.inference import limits, pipeline
 from ldm.inference.errors import UsageError
 from ldm.models.diffusion.inpaint import binarize_mask, concat_conditioning, masked_image
 from ldm.samplers import SamplerChoice
@@ -132,11 +132,15 @@ def check_pad(pad: Sequence[int], factor: int) -> None:
                              f"factor): use {low} or {low + factor}")
 
 
-def load_mask(path: Path, size: tuple[int, int], invert: bool) -> Image.Image:
+def load_mask(path: Path, size: tuple[int, int], invert: bool, allow_large: bool = False) -> Image.Image:
     """The mask file as an 8-bit grey image (white = repaint) of ``size``; any mode is converted, another size
-    is resized with a warning."""
+    is resized with a warning. Its size is checked from the header before any pixel is decoded."""
     try:
         with pipeline._own_size_limits(), Image.open(path) as image:
+            if image.width * image.height > limits.MAX_READ_PIXELS and not allow_large:
+                raise UsageError(f"--mask '{path}' is {image.width}x{image.height} pixels, too large to read (the "
+                                 f"limit is {limits.MAX_READ_PIXELS / 1e6:.0f} megapixels): give a mask of the "
+                                 f"image's size, or pass {limits.OVERRIDE}")
             image.load()
             grey = pipeline._rgb(image).convert("L")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -241,11 +245,14 @@ def plan_canvas(opts: Any, inp: InpaintOptions, factor: int, width: Optional[int
     image = pipeline.load_init_image(opts.init_img, factor, None if inp.full_res else width,
                                      None if inp.full_res else height, opts.allow_large)
     if inp.mask is not None:
-        mask = load_mask(inp.mask, image.size, inp.invert_mask)
+        mask = load_mask(inp.mask, image.size, inp.invert_mask, opts.allow_large)
     elif any(inp.pad):
         mask = Image.new("L", image.size, 0)
     else:
         raise UsageError("inpainting needs a mask: pass --mask PATH (white = repaint) or --outpaint L,R,T,B")
+    left, right, top, bottom = inp.pad
+    limits.check_size(image.width + left + right, image.height + top + bottom, opts.allow_large,
+                      what="the outpainted canvas" if any(inp.pad) else "the image")
     image, mask = grow_canvas(image, mask, inp.pad, inp.fill, opts.seed)
     check_mask(mask, inp.mask)
     mask = blur(mask, inp.mask_blur)
