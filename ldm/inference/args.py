@@ -63,6 +63,7 @@ class Options:
     allow_large: bool = False
     schedule: Optional[str] = None  # None: the sampler's default
     inpaint: Optional[Any] = None  # ldm.inference.inpaint.InpaintOptions in the inpaint mode
+    loras: tuple = ()  # ldm.modules.lora.LoraSpec of each --lora
 
     @property
     def sampler_choice(self) -> samplers.SamplerChoice:
@@ -90,6 +91,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", type=Path, default=None,
                    help="model config yaml; default: <ckpt>.yaml beside the checkpoint, else inferred from its keys")
     g.add_argument("--vae", type=Path, default=None, help="external autoencoder (VAE) weights to use instead")
+    g.add_argument("--lora", action="append", default=None, metavar="PATH[:WEIGHT]",
+                   help="merge a LoRA file (kohya/web-UI or diffusers/PEFT) at WEIGHT (default 1; PATH:TE:UNET or "
+                        ":te=W:unet=W set the two parts apart); repeatable. Prompts can also name LoRAs in "
+                        "models/lora/ with <lora:NAME:WEIGHT>")
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--use_ema", "--ema", dest="use_ema", action="store_const", const=True, default=None,
                      help="full checkpoints: use the EMA UNet weights (the default when present)")
@@ -254,6 +259,13 @@ def _check_file(path: Optional[Path], flag: str, what: str) -> Optional[Path]:
     return path
 
 
+def _lora_specs(values: Optional[Sequence[str]]) -> tuple:
+    """--lora values as ``LoraSpec``s (the files must exist)."""
+    from ldm.modules.lora import parse_lora_flag
+
+    return tuple(parse_lora_flag(v) for v in values or ())
+
+
 def _check_ckpt(path: Optional[Path]) -> Optional[Path]:
     """--ckpt: a checkpoint file, or a diffusers model folder (with model_index.json)."""
     from ldm.convert.diffusers_folder import is_diffusers_folder
@@ -361,7 +373,8 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
         safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
-        fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint)
+        fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint,
+        loras=_lora_specs(ns.lora))
 
 
 def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:

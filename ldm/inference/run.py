@@ -17,6 +17,7 @@ from ldm.inference.errors import UsageError
 from ldm.samplers.schedules import USER_SCHEDULES
 from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
 from ldm.inference.outputs import OutputWriter, check_writable
+from ldm.modules.lora import LoraSession
 from ldm.modules.safety import numpy_to_pil
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class _Generation:
         o = p.opts
         self.plan = p
         self.model = loading.load_model(p.source, p.config, o.use_ema, o.vae, o.device)
+        self.loras = LoraSession(self.model, o.loras, p.prompts)  # --lora merged; <lora:...> tags checked
         for applied in accel.apply_options(self.model, o):
             logger.info("speed option: %s", applied)
         self.checker = loading.load_checker(o.safety_checker, o.device) if o.safety_check else None
@@ -203,6 +205,7 @@ class _Generation:
     def latents(self, job: pipeline.Job, callback: pipeline.StepCallback) -> torch.Tensor:
         """Sampled latents [B, C, h, w] of one job."""
         o = self.plan.opts
+        job = self.loras.prepare_job(job)  # the LoRAs of its <lora:...> tags merged, the tags removed
         gens = pipeline.generators(job.seeds)
         with self.precision.scope():
             cond, uncond = pipeline.conditioning(self.model, job, o.negative_prompt, o.scale, self.warned)
