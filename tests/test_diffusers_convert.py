@@ -268,3 +268,28 @@ def test_bad_folders_and_outputs_are_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert txt2img.main(run + ["--ckpt", str(tmp_path / "plain")]) == 2
     assert "folder" in capsys.readouterr().err
+
+
+def test_bin_weights_are_read_safely_and_v_prediction_needs_a_config(tmp_path):
+    from ldm.checkpoint import CheckpointError
+    from ldm.convert.diffusers_folder import family_config, read_diffusers_folder
+    from safetensors.torch import load_file
+    from tiny_model import write_tiny_model
+    config, ckpt = write_tiny_model(tmp_path)
+    folder = tmp_path / "folder"
+    assert _convert(str(ckpt), str(folder), "--config", str(config)) == 0
+    expected = read_diffusers_folder(folder).state_dict
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(unet)), folder / "unet" / "diffusion_pytorch_model.bin")
+    unet.unlink()
+    read = read_diffusers_folder(folder)
+    assert read.unet_file.name == "diffusion_pytorch_model.bin"
+    assert read.state_dict.keys() == expected.keys()
+    assert all(torch.equal(read.state_dict[k], v) for k, v in expected.items())
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02cos\nsystem\nq\x00.")
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin"):
+        read_diffusers_folder(folder)
+    read.prediction_type = "v_prediction"
+    from ldm.inference.errors import UsageError
+    with pytest.raises(UsageError, match="--config"):
+        family_config(read, folder)
