@@ -212,7 +212,8 @@ def test_only_masked_area_is_generated_at_full_resolution(tiny, tmp_path):
     assert got.shape == want.shape  # pasted back into the whole picture
     keep = untouched(mask, 2)
     assert np.abs(got - want)[keep].max() <= 1 and np.abs(got - want)[8:20, 40:52].mean() > 5
-    assert "Inpaint area: Only masked" in read_parameters(samples(out)[0])
+    meta = parse_parameters(read_parameters(samples(out)[0]))
+    assert meta["Inpaint area"] == "Only masked" and meta["Masked area padding"] == "4"
     box = inpaint.crop_box(inpaint.blur(Image.open(mask).convert("L"), 2), 4, (PIXELS, PIXELS))
     assert box[2] - box[0] == box[3] - box[1] and box[0] <= 40 - 4 and box[2] >= 52 + 4
 

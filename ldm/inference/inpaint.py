@@ -344,7 +344,7 @@ def settings(inp: InpaintOptions) -> dict[str, str]:
         items["Mask mode"] = "Inpaint not masked"
     if inp.full_res:
         items["Inpaint area"] = "Only masked"
-        items["Only masked padding, pixels"] = str(inp.full_res_padding)
+        items["Masked area padding"] = str(inp.full_res_padding)
     if any(inp.pad):
         items["Outpaint"] = "{},{},{},{}".format(*inp.pad)
         items["Outpaint fill"] = inp.fill
