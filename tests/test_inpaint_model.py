@@ -80,3 +80,25 @@ def test_conditioning_is_mask_then_masked_latent():
     c = concat_conditioning(binary, latent)
     assert c.shape == (1, 5, 2, 2)
     assert c[0, 0].tolist() == [[0.0, 0.0], [1.0, 1.0]] and torch.equal(c[:, 1:], latent)
+
+
+def test_finetuning_from_a_regular_checkpoint_widens_the_input_layer(tmp_path):
+    """finetune_keys + ckpt_path: the 4-channel weights fill the first input channels, the new ones start at 0."""
+    from tiny_model import write_tiny_model
+
+    from ldm.checkpoint import load_state_dict_file
+
+    config_path, ckpt = write_tiny_model(tmp_path)
+    cfg = OmegaConf.load(config_path)
+    cfg.model.target = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+    cfg.model.params.conditioning_key = "hybrid"
+    cfg.model.params.unet_config.params.in_channels = 9
+    with pytest.raises(ValueError, match="finetune_keys needs a ckpt_path"):
+        instantiate_from_config(cfg.model)
+    cfg.model.params.ckpt_path = str(ckpt)
+    model = instantiate_from_config(cfg.model)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    old, new = load_state_dict_file(str(ckpt))[key], model.state_dict()[key]
+    assert new.shape[1] == 9 and torch.equal(new[:, :4], old) and not new[:, 4:].any()
+    other = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[other], load_state_dict_file(str(ckpt))[other])
