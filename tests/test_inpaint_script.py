@@ -222,3 +222,16 @@ def test_txt2img_refuses_an_inpainting_model(tiny_inpainting, tmp_path, capsys):
     out = tmp_path / "out"
     assert txt2img.main([*model_args(tiny_inpainting), "--outdir", str(out), "--prompt", "x"]) == 2
     assert "inpaint.py" in capsys.readouterr().err and _no_output(out)
+
+
+def test_parameters_read_back_by_sd_parsers(tiny, tmp_path):
+    sd_parsers = pytest.importorskip("sd_parsers")
+    init = write_picture(tmp_path / "in.png")
+    mask = write_mask(tmp_path / "mask.png", (16, 16, 48, 48))
+    out = tmp_path / "out"
+    assert run(tiny, out, init, "--mask", str(mask), "--mask_blur", "6", "--invert_mask", "--inpaint_full_res",
+               "--W", str(PIXELS), "--H", str(PIXELS), "--strength", "0.6", "--seed", "3") == 0
+    info = sd_parsers.ParserManager().parse(samples(out)[0])
+    assert info.metadata["Mask blur"] == "6" and info.metadata["Denoising strength"] == "0.6"
+    assert info.metadata["Mask mode"] == "Inpaint not masked" and info.metadata["Inpaint area"] == "Only masked"
+    assert info.metadata["Masked area padding"] == "32" and info.samplers[0].parameters["seed"] == "3"
