@@ -235,3 +235,11 @@ def test_parameters_read_back_by_sd_parsers(tiny, tmp_path):
     assert info.metadata["Mask blur"] == "6" and info.metadata["Denoising strength"] == "0.6"
     assert info.metadata["Mask mode"] == "Inpaint not masked" and info.metadata["Inpaint area"] == "Only masked"
     assert info.metadata["Masked area padding"] == "32" and info.samplers[0].parameters["seed"] == "3"
+
+
+def test_mask_of_the_image_files_size_follows_a_resize_quietly(tiny, tmp_path, caplog):
+    init = write_picture(tmp_path / "in.png")
+    mask = write_mask(tmp_path / "mask.png", (16, 16, 48, 48))
+    out = tmp_path / "out"
+    assert run(tiny, out, init, "--mask", str(mask), "--W", str(PIXELS), "--H", str(PIXELS)) == 0
+    assert "resized to fit" not in caplog.text and pixels(samples(out)[0]).shape == (PIXELS, PIXELS, 3)

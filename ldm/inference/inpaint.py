@@ -132,9 +132,11 @@ def check_pad(pad: Sequence[int], factor: int) -> None:
                              f"factor): use {low} or {low + factor}")
 
 
-def load_mask(path: Path, size: tuple[int, int], invert: bool, allow_large: bool = False) -> Image.Image:
-    """The mask file as an 8-bit grey image (white = repaint) of ``size``; any mode is converted, another size
-    is resized with a warning. Its size is checked from the header before any pixel is decoded."""
+def load_mask(path: Path, size: tuple[int, int], invert: bool, allow_large: bool = False,
+              image_file_size: Optional[tuple[int, int]] = None) -> Image.Image:
+    """The mask file as an 8-bit grey image (white = repaint) of ``size``; any mode is converted. A mask of another
+    size than the image file (``image_file_size``, default ``size``) is resized with a warning, one of the file's
+    size silently (the image was resized too). Its size is checked from the header before any pixel is decoded."""
     try:
         with pipeline._own_size_limits(), Image.open(path) as image:
             if image.width * image.height > limits.MAX_READ_PIXELS and not allow_large:
@@ -146,8 +148,10 @@ def load_mask(path: Path, size: tuple[int, int], invert: bool, allow_large: bool
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"--mask: cannot read '{path}' as an image ({e}); give a PNG or JPEG file, white where "
                          f"the picture is repainted") from None
+    if grey.size != (image_file_size or size):
+        logger.warning("--mask '%s' is %dx%d, the image %dx%d: the mask was resized to fit", path, *grey.size,
+                       *(image_file_size or size))
     if grey.size != size:
-        logger.warning("--mask '%s' is %dx%d, the image %dx%d: the mask was resized to fit", path, *grey.size, *size)
         grey = grey.resize(size, resample=Image.BILINEAR)
     return Image.fromarray(255 - np.asarray(grey)) if invert else grey
 
@@ -245,7 +249,7 @@ def plan_canvas(opts: Any, inp: InpaintOptions, factor: int, width: Optional[int
     image = pipeline.load_init_image(opts.init_img, factor, None if inp.full_res else width,
                                      None if inp.full_res else height, opts.allow_large)
     if inp.mask is not None:
-        mask = load_mask(inp.mask, image.size, inp.invert_mask, opts.allow_large)
+        mask = load_mask(inp.mask, image.size, inp.invert_mask, opts.allow_large, _file_size(opts.init_img))
     elif any(inp.pad):
         mask = Image.new("L", image.size, 0)
     else:
@@ -260,6 +264,15 @@ def plan_canvas(opts: Any, inp: InpaintOptions, factor: int, width: Optional[int
         return Canvas(image, mask, image.size)
     size = (width or native, height or native)
     return Canvas(image, mask, size, crop_box(mask, inp.full_res_padding, size))
+
+
+def _file_size(path: Path) -> Optional[tuple[int, int]]:
+    """(width, height) of an image file from its header (None when it cannot be read)."""
+    try:
+        with pipeline._own_size_limits(), Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
 
 
 def check_mask(mask: Image.Image, path: Optional[Path]) -> None:
