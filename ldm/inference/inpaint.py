@@ -55,7 +55,8 @@ def add_flags(p: Any) -> None:
     g.add_argument("--mask", type=Path, default=None,
                    help="mask image, white where the picture is repainted (any mode; resized to the image if needed)")
     g.add_argument("--mask_blur", "--mask-blur", dest="mask_blur", type=int, default=4,
-                   help="blur the mask edge by this many pixels (default 4; 0: a hard edge)")
+                   help="soften the mask edge with a Gaussian of this standard deviation in pixels, cut off at 2.5 "
+                        "times it (default 4; 0: a hard edge)")
     g.add_argument("--invert_mask", "--invert-mask", dest="invert_mask", action="store_true",
                    help="repaint the black part of the mask instead of the white part")
     g.add_argument("--outpaint", "--pad", dest="outpaint", default=None, metavar="LEFT,RIGHT,TOP,BOTTOM",
