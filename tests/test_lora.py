@@ -211,3 +211,32 @@ def test_bad_loras_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
     assert txt2img.main(["--prompt", "x", "--lora", str(tmp_path / "nope.safetensors"), "--outdir",
                          str(tmp_path / "o")] + model_args(tiny)) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_lora_trained_with_diffusers_and_peft_alpha_metadata(tmp_path):
+    """A UNet LoRA as diffusers' training scripts save it (PEFT adapter, lora_alpha != r kept in the file's metadata;
+    transformers' add_adapter for the text encoder needs a newer peft than the one pinned)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    model, cfg, _ = _tiny(tmp_path)
+    pipe = _diffusers_pipe(model, cfg, tmp_path / "folder")
+    torch.manual_seed(4)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "trained"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    path = tmp_path / "trained" / "pytorch_lora_weights.safetensors"
+    fresh = _diffusers_pipe(model, cfg, tmp_path / "folder2")
+    fresh.load_lora_weights(str(path))
+    fresh.fuse_lora(lora_scale=0.6)
+    base = {k: v.clone() for k, v in _ours_as_diffusers(model, cfg)[0].items()}
+    lora.merge_loras(model, [lora.LoraSpec(path, 0.6, 0.6)])
+    unet, text = _ours_as_diffusers(model, cfg)
+    assert sum(not torch.equal(v, base[k]) for k, v in unet.items()) == 4 * 2 * 4  # q,k,v,out x attn1,2 x 4 blocks
+    theirs_unet, theirs_text = _plain(fresh.unet.state_dict()), _plain(fresh.text_encoder.state_dict())
+    for k, v in unet.items():
+        torch.testing.assert_close(v, theirs_unet[k], atol=1e-6, rtol=1e-5)
+    for k, v in text.items():
+        torch.testing.assert_close(v, theirs_text[k], atol=1e-6, rtol=1e-5)

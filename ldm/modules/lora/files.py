@@ -1,10 +1,12 @@
 """Read a LoRA file (kohya / web-UI or diffusers / PEFT layout) into per-module low-rank factors."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -84,6 +86,7 @@ def read_lora(path: Path) -> LoraFile:
             continue
         module = lora.modules.setdefault(name, LoraModule())
         setattr(module, role, float(value) if role == "alpha" else value)
+    _apply_peft_alphas(lora, path)
     if unknown:
         raise LoraError(f"LoRA '{path}': {len(unknown)} key(s) are not LoRA factors (.lora_down/.lora_up/.alpha or "
                         f"lora_A/lora_B), e.g. {', '.join(unknown[:3])}: is this a LoRA file?")
@@ -92,3 +95,38 @@ def read_lora(path: Path) -> LoraFile:
         raise LoraError(f"LoRA '{path}': {len(broken)} module(s) lack their down or up factor, e.g. '{broken[0]}'; "
                         f"the file is incomplete")
     return lora
+
+
+def _peft_metadata(path: Path) -> dict[str, Any]:
+    """The ``lora_adapter_metadata`` diffusers writes into a LoRA's safetensors header (PEFT's LoraConfig per part,
+    keys ``unet.lora_alpha`` ...); {} when absent or unreadable."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        data = json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _apply_peft_alphas(lora: LoraFile, path: Path) -> None:
+    """Give modules without ``.alpha`` the alpha of the file's PEFT metadata (``alpha_pattern``, else
+    ``lora_alpha``; rsLoRA scales by alpha / sqrt(r)). Without metadata the scale stays 1, as diffusers loads it."""
+    meta = _peft_metadata(path)
+    if not meta:
+        return
+    for name, module in lora.modules.items():
+        if module.alpha is not None:
+            continue
+        part = name.split(".", 1)[0]
+        alpha = meta.get(f"{part}.lora_alpha")
+        patterns = meta.get(f"{part}.alpha_pattern") or {}
+        alpha = next((float(v) for k, v in patterns.items() if name.endswith(k)), alpha)
+        if alpha is None:
+            continue
+        rank = module.rank
+        module.alpha = float(alpha) * (math.sqrt(rank) if meta.get(f"{part}.use_rslora") else 1.0)
