@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -110,7 +110,8 @@ def write_diffusers_folder(model: torch.nn.Module, config: Any, out: Path, repla
     An existing ``out`` is replaced only with ``replace`` and only when it is a diffusers folder or empty.
     """
     out = out.expanduser()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # exclusively ours (fails if the name exists), with the user's umask unlike mkdtemp's 0700
     old = None
     try:
         write_folder_contents(model, config, tmp)
