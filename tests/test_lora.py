@@ -240,3 +240,15 @@ def test_lora_trained_with_diffusers_and_peft_alpha_metadata(tmp_path):
         torch.testing.assert_close(v, theirs_unet[k], atol=1e-6, rtol=1e-5)
     for k, v in text.items():
         torch.testing.assert_close(v, theirs_text[k], atol=1e-6, rtol=1e-5)
+
+
+def test_locon_tucker_core_equals_the_three_convolutions():
+    """``lora_mid`` (LoCon with a Tucker core): down 1x1, mid kxk, up 1x1 convolutions in a row = one merged kxk."""
+    from ldm.modules.lora.files import LoraModule
+    down, mid, up = torch.randn(3, 5, 1, 1), torch.randn(3, 3, 3, 3), torch.randn(6, 3, 1, 1)
+    module = LoraModule(down=down, up=up, alpha=1.5, mid=mid)
+    x = torch.randn(2, 5, 8, 8)
+    chained = torch.nn.functional.conv2d(torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), mid,
+                                                                    padding=1), up) * 1.5 / 3
+    merged = torch.nn.functional.conv2d(x, module.delta(torch.Size((6, 5, 3, 3))), padding=1)
+    torch.testing.assert_close(merged, chained, atol=1e-4, rtol=1e-4)
