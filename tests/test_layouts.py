@@ -55,8 +55,8 @@ def test_layouts_are_recognised(reference_dir):
     assert base.name == "sd2" and base.config.name == "v2-inference.yaml" and "v-prediction" in base.assumption
     keys = json.loads((reference_dir / "layouts" / "sd_v2_inpainting_keys.json").read_text())
     sd = {k: torch.empty(v[0], device="meta") for k, v in keys.items()}
-    with pytest.raises(ValueError, match="inpainting"):
-        detect_family(sd)
+    inpainting = detect_family(sd)
+    assert inpainting.name == "sd2-inpainting" and inpainting.config.name == "v2-inpainting-inference.yaml"
 
 
 def test_default_model_layout_is_recognised():

@@ -338,14 +338,16 @@ def test_config_beside_the_checkpoint_wins(tmp_path: Path):
     assert loading.infer_config(ckpt) == (tmp_path / "custom.yaml", None)
 
 
-@pytest.mark.parametrize("kind, message", [("inpainting", "inpainting checkpoint"),
-                                           ("vae", "not a full Stable Diffusion checkpoint")])
-def test_unsupported_checkpoints_are_named(tiny, tmp_path: Path, capsys, kind: str, message: str):
+@pytest.mark.parametrize("kind, messages", [("inpainting", ("inpainting checkpoint", "inpaint.py")),
+                                            ("vae", ("cannot infer the config",
+                                                     "not a full Stable Diffusion checkpoint"))])
+def test_unsupported_checkpoints_are_named(tiny, tmp_path: Path, capsys, kind: str, messages: tuple[str, str]):
+    """A VAE file is not a model; an inpainting checkpoint is one for scripts/inpaint.py."""
     ckpt = _fake_checkpoint(tmp_path / f"{kind}.safetensors", unet_in_channels=9 if kind == "inpainting" else 4,
                             text="sd1" if kind == "inpainting" else "none")
     assert txt2img.main(["--ckpt", str(ckpt), "--prompt", "p", "--outdir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "cannot infer the config" in err and message in err and not (tmp_path / "out").exists()
+    assert all(m in err for m in messages) and not (tmp_path / "out").exists()
 
 
 def test_plan_jobs_seeds_and_batches():
