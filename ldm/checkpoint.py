@@ -1,4 +1,12 @@
-"""Checkpoint I/O in one place: safe reading, EMA handling, an explicit list of ignorable keys, clear mismatch reports.
+"""The one place that reads checkpoints and loads weights into models: every route goes through it.
+
+It owns: safe reading of ``.safetensors``/``.ckpt`` files (:func:`read_checkpoint`, :func:`load_state_dict_file`,
+damaged-tensor checks), the EMA choice of full checkpoints (:func:`load_weights`, :func:`apply_ema`), the explicit
+lists of ignorable keys (:data:`IGNORABLE_UNEXPECTED`, :data:`IGNORABLE_MISSING`), readable mismatch reports
+(:func:`mismatch_message`, :class:`CheckpointError`), the YAML ``ckpt_path`` route with its ``ignore_keys``
+(:func:`drop_ignored_keys`, :func:`load_config_checkpoint`), building a model from a config plus a checkpoint
+(:func:`load_model_from_config`) and atomic safetensors writes (:func:`save_safetensors`). LoRA merging
+(``ldm/modules/lora/``), VAE swaps and diffusers folders (``ldm/convert/``) read their files through it.
 
 Reading never executes code from a file: ``.safetensors`` is plain data, and pickled ``.ckpt``/``.pt``/``.bin``
 files go through ``torch.load(weights_only=True)`` with stand-ins for the Lightning/numpy objects that real
@@ -12,7 +20,7 @@ import tempfile
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -321,6 +329,66 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
         raise CheckpointError(f"missing keys after loading: {_first(still_missing)}")
     if report.ignored:
         logger.debug("ignored checkpoint keys: %s", report.ignored)
+    return report
+
+
+def drop_ignored_keys(sd: dict[str, torch.Tensor], ignore_keys: Sequence[str]) -> list[str]:
+    """Remove (in place) the keys of ``sd`` starting with any ``ignore_keys`` prefix (the YAML contract)."""
+    prefixes = tuple(ignore_keys)
+    dropped = [k for k in sd if prefixes and k.startswith(prefixes)]
+    for k in dropped:
+        del sd[k]
+    if dropped:
+        logger.info("ignoring %d checkpoint keys starting with %s", len(dropped), list(prefixes))
+    return dropped
+
+
+def _config_ema_policy(model_sd: Mapping[str, torch.Tensor], sd: dict[str, torch.Tensor],
+                       source: str) -> set[str]:
+    """The original's EMA leniency on the ``ckpt_path`` route; returns the model keys allowed to stay unloaded.
+
+    A training model (``use_ema: true``) may start from a checkpoint without EMA copies (its EMA then keeps its
+    initial values: ``reset_ema: true`` copies the loaded weights); a model without EMA takes the raw weights of a
+    full checkpoint and leaves its ``model_ema.*`` aside.
+    """
+    model_has_ema = any(k.startswith(EMA_PREFIX) for k in model_sd)
+    if model_has_ema and not has_ema(sd):
+        logger.warning("%s has no EMA weights: the model's EMA keeps its initial values (set reset_ema: true to "
+                       "start it from the loaded weights)", source)
+        return {k for k in model_sd if k.startswith(EMA_PREFIX) and k not in sd}
+    if not model_has_ema and has_ema(sd):
+        logger.info("%s holds EMA weights; the model has no EMA, so its raw weights are loaded", source)
+        for k in [k for k in sd if k.startswith(EMA_PREFIX)]:
+            del sd[k]
+    return set()
+
+
+def load_config_checkpoint(target: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike,
+                           ignore_keys: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
+                           hint: str = "") -> LoadReport:
+    """Load a YAML ``ckpt_path`` state_dict into ``target`` strictly, within the original's leniency.
+
+    May differ: model keys under an ``ignore_keys`` prefix (already dropped from ``sd`` by
+    :func:`drop_ignored_keys`), :data:`IGNORABLE_UNEXPECTED`/:data:`IGNORABLE_MISSING`, checkpoint keys under an
+    ``allow_unexpected`` prefix (e.g. training losses), an autoencoder's absent ``loss.*`` and the EMA cases of
+    :func:`_config_ema_policy`. Anything else is one :class:`CheckpointError` naming the file and the keys.
+    """
+    source = f"checkpoint '{path}'"
+    model_sd = target.state_dict()
+    skipped = _training_only_keys(model_sd, sd) | _config_ema_policy(model_sd, sd, source)
+    prefixes = tuple(ignore_keys)
+    compare = {k: v for k, v in model_sd.items() if k not in skipped and not (prefixes and k.startswith(prefixes))}
+    allowed = tuple(allow_unexpected)
+    report = LoadReport(ignored=[k for k in sd if k not in model_sd and allowed and k.startswith(allowed)])
+    checked = {k: v for k, v in sd.items() if k not in report.ignored}
+    msg = mismatch_message(compare, checked, source=source, target=f"{type(target).__name__} of the config")
+    if msg:
+        raise CheckpointError(msg + (f". {hint}" if hint else ""))
+    if report.ignored:
+        logger.info("ignored %d keys of %s the model does not use (first: %s)", len(report.ignored), source,
+                    _first(report.ignored, 3))
+    target.load_state_dict({k: v for k, v in sd.items() if k in model_sd}, strict=False)
+    logger.info("Restored %s", source)
     return report
 
 

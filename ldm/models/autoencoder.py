@@ -67,28 +67,21 @@ class AutoencoderKL(nn.Module):
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
         """Load weights from a .ckpt/.safetensors file (an autoencoder or a full SD checkpoint).
 
-        Keys starting with any of ``ignore_keys`` are dropped; a full checkpoint's ``first_stage_model.``
-        prefix is stripped. Unexpected keys (e.g. training losses) are logged; missing weights are an error.
+        Keys starting with any of ``ignore_keys`` are dropped (and may be missing); a full checkpoint's
+        ``first_stage_model.`` prefix is stripped and its other parts left aside. Training-loss weights (``loss.*``)
+        may be absent or unused; any other mismatch is one :class:`ldm.checkpoint.CheckpointError` naming the file.
         """
-        from ldm.checkpoint import load_state_dict_file  # checkpoint I/O lives in one module
+        from ldm.checkpoint import drop_ignored_keys, load_config_checkpoint, load_state_dict_file
 
         sd = dict(load_state_dict_file(path))
         own = set(self.state_dict())
         prefix = "first_stage_model."
         if not own & set(sd) and any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        for k in [k for k in sd if any(k.startswith(ik) for ik in ignore_keys)]:
-            logger.info("Deleting key %s from state_dict.", k)
-            del sd[k]
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("loss.")]
-        if missing:
-            raise RuntimeError(f"checkpoint {path} lacks {len(missing)} autoencoder weights, e.g. {missing[:5]}; "
-                               "is it an autoencoder (or full Stable Diffusion) checkpoint?")
-        if unexpected:
-            logger.info("Ignored %d keys of %s not used by the autoencoder, e.g. %s", len(unexpected), path,
-                        unexpected[:5])
-        logger.info("Restored from %s", path)
+        drop_ignored_keys(sd, ignore_keys)
+        load_config_checkpoint(self, sd, path, ignore_keys, allow_unexpected=("loss.",),
+                               hint="If the file lacks the autoencoder's weights, it is not an autoencoder (or full "
+                                    "Stable Diffusion) checkpoint")
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:

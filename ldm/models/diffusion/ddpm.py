@@ -161,7 +161,7 @@ class DDPM(DiffusionProcess, DiffusionObjective, nn.Module):
                     logger.info("%s: restored training weights", context)
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
-        """Load a .ckpt/.safetensors file non-strictly (the original's behaviour), reporting every mismatch."""
+        """Load a .ckpt/.safetensors file safely; only ``ignore_keys`` and the original's leniency may differ."""
         load_checkpoint_into(self.model if only_model else self, path, ignore_keys, self.make_it_fit)
 
     def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:

@@ -36,12 +36,14 @@ class LatentFinetuneDiffusion(LatentDiffusion):
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
-        """Load a checkpoint; ``finetune_keys`` of another input width are widened (extra channels zero)."""
+        """Load a checkpoint strictly (as :func:`load_checkpoint_into`); ``finetune_keys`` of another input width are
+        widened (extra channels zero)."""
         if not self.finetune_keys:
             return super().init_from_ckpt(path, ignore_keys, only_model)
-        from ldm.checkpoint import load_state_dict_file
+        from ldm.checkpoint import drop_ignored_keys, load_config_checkpoint, load_state_dict_file
 
-        sd = {k: v for k, v in load_state_dict_file(path).items() if not any(k.startswith(i) for i in ignore_keys)}
+        sd = load_state_dict_file(path)
+        drop_ignored_keys(sd, ignore_keys)
         own = self.state_dict()
         for key in self.finetune_keys:
             if key in sd and key in own and sd[key].shape != own[key].shape:
@@ -50,8 +52,7 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                 logger.info("%s: %s -> %s (new input channels start at zero)", key, tuple(sd[key].shape),
                             tuple(own[key].shape))
                 sd[key] = widened
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
+        load_config_checkpoint(self, sd, path, ignore_keys, allow_unexpected=("first_stage_model.loss.",))
 
 
 class LatentInpaintDiffusion(LatentFinetuneDiffusion):

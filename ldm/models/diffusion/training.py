@@ -68,22 +68,16 @@ def fit_state_dict(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor])
 @torch.no_grad()
 def load_checkpoint_into(target: torch.nn.Module, path: str, ignore_keys: Sequence[str] = (),
                          make_it_fit: bool = False) -> None:
-    """Load a .ckpt/.safetensors file into ``target`` non-strictly (the original's ``init_from_ckpt``).
+    """Load a .ckpt/.safetensors file into ``target`` (the original's ``init_from_ckpt``), read safely.
 
-    Keys starting with any of ``ignore_keys`` are dropped first; every missing / unexpected key is reported.
+    Keys starting with any of ``ignore_keys`` are dropped first and may be missing; other mismatches (beyond the
+    original's EMA and training-loss leniency, see :func:`ldm.checkpoint.load_config_checkpoint`) are one
+    :class:`ldm.checkpoint.CheckpointError` naming the file. ``make_it_fit`` resizes other-shaped tensors.
     """
-    from ldm.checkpoint import load_state_dict_file
+    from ldm.checkpoint import drop_ignored_keys, load_config_checkpoint, load_state_dict_file
 
     sd = load_state_dict_file(path)
-    dropped = [k for k in sd if any(k.startswith(ik) for ik in ignore_keys)]
-    for k in dropped:
-        del sd[k]
-    if dropped:
-        logger.info("ignoring %d checkpoint keys starting with %s", len(dropped), list(ignore_keys))
+    drop_ignored_keys(sd, ignore_keys)
     if make_it_fit:
         sd = fit_state_dict(sd, target.state_dict())
-    missing, unexpected = target.load_state_dict(sd, strict=False)
-    logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
-    for what, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            logger.warning("%d %s keys in %s, e.g. %s", len(keys), what, path, keys[:8])
+    load_config_checkpoint(target, sd, path, ignore_keys, allow_unexpected=("first_stage_model.loss.",))
