@@ -108,14 +108,14 @@ CASES = [(name, schedule) for name, schedule in zip(DETERMINISTIC + STOCHASTIC,
 @pytest.mark.parametrize("name,schedule", CASES)
 def test_equals_k_diffusion_on_tiny_sd1_eps_and_sd2_v(reference_dir, config: str, name: str, schedule: str):
     err, scale = compare(reference_model(config), name, schedule, steps=3, shape=(1, 4, 8, 8))
-    assert err <= 2e-5 * max(scale, 1.0), f"{name}/{schedule}: max abs diff {err:.3g} (output scale {scale:.3g})"
+    assert err <= 1e-4 * max(scale, 1.0), f"{name}/{schedule}: max abs diff {err:.3g} (output scale {scale:.3g})"
 
 
 @pytest.mark.parametrize("name,schedule", [("euler", "karras"), ("heun", "normal"), ("dpm_2", "exponential"),
                                            ("lms", "karras"), ("dpmpp_2m", "karras")])
 def test_equals_k_diffusion_on_the_default_model(name: str, schedule: str):
     err, scale = compare(default_model(), name, schedule, steps=3, shape=(1, 4, 16, 16))
-    assert err <= 2e-5 * max(scale, 1.0), f"{name}/{schedule}: max abs diff {err:.3g} (output scale {scale:.3g})"
+    assert err <= 1e-4 * max(scale, 1.0), f"{name}/{schedule}: max abs diff {err:.3g} (output scale {scale:.3g})"
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde",
