@@ -81,7 +81,9 @@ def clip_from_parts(config: Mapping[str, Any], text_state: Mapping[str, torch.Te
         config = OmegaConf.to_container(config, resolve=True)
     model = open_clip.CLIP(**copy.deepcopy(dict(config)))
     state = {k: v.float() for k, v in {**text_state, **visual_state}.items()}
-    model.load_state_dict(state, strict=True)
+    from ldm.checkpoint import load_weights
+
+    load_weights(model, state, use_ema=False, source="state of the CLIP text and image towers")  # strict, readable
     return model.eval()
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.util import instantiate_from_config
 
@@ -64,11 +64,13 @@ def export_model(ema_weights: str | Path, config: DictConfig, out_dir: str | Pat
                  dtype: torch.dtype = torch.float16) -> tuple[Path, Path]:
     """Check that the EMA weights load strictly into ``config``'s model, then write ``config.yaml`` and
     ``model.safetensors`` (weights in ``dtype``) to ``out_dir``."""
-    state = load_file(str(ema_weights))
+    from ldm.checkpoint import load_state_dict_file, load_weights
+
+    state = load_state_dict_file(ema_weights)
     model = build(config)
-    model.load_state_dict(state, strict=True)
+    load_weights(model, state, use_ema=False, source=f"EMA weights file '{ema_weights}'")  # strict, readable errors
     own = model.state_dict()
-    state = {k: state[k] for k in own}  # the model's key order
+    state = {k: state[k] for k in own if k in state}  # the model's key order (ignorable missing keys left out)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, config_path = out_dir / "model.safetensors", out_dir / "config.yaml"
