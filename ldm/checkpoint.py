@@ -41,6 +41,9 @@ IGNORABLE_UNEXPECTED = (
     "cond_stage_model.model.attn_mask",
 )
 IGNORABLE_MISSING = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+# Training-only weights of a diffusion model that the YAML ``ckpt_path`` route may find absent or unused (as the
+# original did): the first stage's losses (discriminator, LPIPS) and the learned loss weighting ``logvar``.
+TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", "logvar")
 
 
 class CheckpointError(RuntimeError):
@@ -365,18 +368,20 @@ def _config_ema_policy(model_sd: Mapping[str, torch.Tensor], sd: dict[str, torch
 
 def load_config_checkpoint(target: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike,
                            ignore_keys: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
-                           hint: str = "") -> LoadReport:
+                           allow_missing: Sequence[str] = (), hint: str = "") -> LoadReport:
     """Load a YAML ``ckpt_path`` state_dict into ``target`` strictly, within the original's leniency.
 
     May differ: model keys under an ``ignore_keys`` prefix (already dropped from ``sd`` by
     :func:`drop_ignored_keys`), :data:`IGNORABLE_UNEXPECTED`/:data:`IGNORABLE_MISSING`, checkpoint keys under an
-    ``allow_unexpected`` prefix (e.g. training losses), an autoencoder's absent ``loss.*`` and the EMA cases of
+    ``allow_unexpected`` prefix (e.g. training losses), model keys under an ``allow_missing`` prefix that the
+    checkpoint lacks (they keep their initial values), an autoencoder's absent ``loss.*`` and the EMA cases of
     :func:`_config_ema_policy`. Anything else is one :class:`CheckpointError` naming the file and the keys.
     """
     source = f"checkpoint '{path}'"
     model_sd = target.state_dict()
     skipped = _training_only_keys(model_sd, sd) | _config_ema_policy(model_sd, sd, source)
-    prefixes = tuple(ignore_keys)
+    prefixes, absent_ok = tuple(ignore_keys), tuple(allow_missing)
+    skipped |= {k for k in model_sd if k not in sd and absent_ok and k.startswith(absent_ok)}
     compare = {k: v for k, v in model_sd.items() if k not in skipped and not (prefixes and k.startswith(prefixes))}
     allowed = tuple(allow_unexpected)
     report = LoadReport(ignored=[k for k in sd if k not in model_sd and allowed and k.startswith(allowed)])

@@ -115,6 +115,20 @@ def test_ema_leniency_of_the_original(tmp_path, source):
     assert not any(k.startswith("model_ema.") for k in plain.state_dict())
 
 
+def test_learned_logvar_may_be_absent_or_unused(tmp_path, source):
+    """``logvar`` (learn_logvar) is training-only: a checkpoint may lack it or carry it, as in the original."""
+    learned = tiny(learn_logvar=True, logvar_init=0.5)
+    assert "logvar" in learned.state_dict() and "logvar" not in source.state_dict()
+    plain = _save(dict(source.state_dict()), tmp_path / "plain.safetensors")
+    starts = tiny(ckpt_path=plain, learn_logvar=True, logvar_init=0.5)
+    assert torch.equal(starts.logvar.detach(), torch.full_like(starts.logvar, 0.5))  # keeps its initial value
+    with_logvar = dict(learned.state_dict()) | {"logvar": torch.full_like(learned.logvar, 2.0)}
+    path = _save(with_logvar, tmp_path / "logvar.safetensors")
+    assert torch.equal(tiny(ckpt_path=path, learn_logvar=True).logvar.detach(), with_logvar["logvar"])
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(tiny(ckpt_path=path).state_dict()[key], with_logvar[key])
+
+
 def test_autoencoder_accepts_training_loss_keys_but_not_others(tmp_path):
     src = AutoencoderKL(**TINY_AE)
     sd = dict(src.state_dict())

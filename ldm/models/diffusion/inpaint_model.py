@@ -40,7 +40,8 @@ class LatentFinetuneDiffusion(LatentDiffusion):
         widened (extra channels zero)."""
         if not self.finetune_keys:
             return super().init_from_ckpt(path, ignore_keys, only_model)
-        from ldm.checkpoint import drop_ignored_keys, load_config_checkpoint, load_state_dict_file
+        from ldm.checkpoint import (TRAINING_ONLY_PREFIXES, drop_ignored_keys, load_config_checkpoint,
+                                    load_state_dict_file)
 
         sd = load_state_dict_file(path)
         drop_ignored_keys(sd, ignore_keys)
@@ -52,7 +53,8 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                 logger.info("%s: %s -> %s (new input channels start at zero)", key, tuple(sd[key].shape),
                             tuple(own[key].shape))
                 sd[key] = widened
-        load_config_checkpoint(self, sd, path, ignore_keys, allow_unexpected=("first_stage_model.loss.",))
+        load_config_checkpoint(self, sd, path, ignore_keys, allow_unexpected=TRAINING_ONLY_PREFIXES,
+                               allow_missing=TRAINING_ONLY_PREFIXES)
 
 
 class LatentInpaintDiffusion(LatentFinetuneDiffusion):

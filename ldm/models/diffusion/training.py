@@ -74,10 +74,12 @@ def load_checkpoint_into(target: torch.nn.Module, path: str, ignore_keys: Sequen
     original's EMA and training-loss leniency, see :func:`ldm.checkpoint.load_config_checkpoint`) are one
     :class:`ldm.checkpoint.CheckpointError` naming the file. ``make_it_fit`` resizes other-shaped tensors.
     """
-    from ldm.checkpoint import drop_ignored_keys, load_config_checkpoint, load_state_dict_file
+    from ldm.checkpoint import (TRAINING_ONLY_PREFIXES, drop_ignored_keys, load_config_checkpoint,
+                                load_state_dict_file)
 
     sd = load_state_dict_file(path)
     drop_ignored_keys(sd, ignore_keys)
     if make_it_fit:
         sd = fit_state_dict(sd, target.state_dict())
-    load_config_checkpoint(target, sd, path, ignore_keys, allow_unexpected=("first_stage_model.loss.",))
+    load_config_checkpoint(target, sd, path, ignore_keys, allow_unexpected=TRAINING_ONLY_PREFIXES,
+                           allow_missing=TRAINING_ONLY_PREFIXES)
