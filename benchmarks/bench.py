@@ -190,11 +190,12 @@ def bench_vae(args: argparse.Namespace) -> list[Row]:
 
 
 def bench_txt2img(args: argparse.Namespace) -> list[Row]:
-    """Whole txt2img of one 512x512 image (reduced: 256x256), ``--steps`` DDIM steps, guidance ``--scale``."""
+    """Whole txt2img of one 512x512 image (reduced: 256x256), ``--steps`` steps of ``--sampler``, guidance
+    ``--scale``; diffusers runs the matching scheduler where it has one."""
     from ldm.inference import accel
 
     latent = 64 // args.latent_div
-    label = f"txt2img {latent * 8}x{latent * 8} {args.steps} steps"
+    label = f"txt2img {latent * 8}x{latent * 8} {args.steps} steps {args.sampler}"
     model, run, last = ours_txt2img(args, latent)
     with torch.inference_mode():  # the plain path (float32 weights, autocast on CUDA), to compare the fast one with
         flops, plain = count_flops(run)
@@ -207,8 +208,8 @@ def bench_txt2img(args: argparse.Namespace) -> list[Row]:
         logger.info("txt2img fast path: %s", accel.apply_fast_path(model, fast))
     rows = [measure(label, "ours", run, args, flops, reference=plain, iters=args.e2e_iters)]
     rows[0].note = f"images; latents: {float((last['latents'] - plain_latents).abs().max()):.2e}"
-    if have_diffusers(args):
-        theirs = diffusers_txt2img(args, model, latent)
+    theirs = diffusers_txt2img(args, model, latent) if have_diffusers(args) else None
+    if theirs is not None:
         with torch.inference_mode():
             flops, _ = count_flops(theirs)
         rows.append(measure(label, "diffusers", theirs, args, flops, iters=args.e2e_iters))
@@ -343,7 +344,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="calls before timing (default 10 CUDA, 1 CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per component (default 30 CUDA, 3 CPU)")
     p.add_argument("--e2e-iters", type=int, default=None, help="timed whole txt2img runs (default 10 CUDA, 1 CPU)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the txt2img line")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps of the txt2img line")
+    p.add_argument("--sampler", default="DDIM", help='sampler of the txt2img line, e.g. "DPM++ 2M Karras" (diffusers '
+                   "runs the matching scheduler for DDIM, DPM++ 2M Karras, Euler, Euler a, UniPC)")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale of the txt2img line")
     p.add_argument("--full-size", action="store_true", help="real sizes on the CPU too (very slow)")
     p.add_argument("--threads", type=int, default=None,
@@ -379,6 +382,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     unknown = set(args.only) - set(COMPONENTS)
     if unknown:
         p.error(f"unknown components {sorted(unknown)}; choose from {','.join(COMPONENTS)}")
+    from ldm.samplers import UnknownSampler, resolve
+
+    try:
+        resolve(args.sampler)
+    except UnknownSampler as e:
+        p.error(str(e))
     return args
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -65,8 +65,8 @@ def prepare(module: torch.nn.Module, args: argparse.Namespace, ours: bool) -> No
 
 
 def ours_txt2img(args: argparse.Namespace, latent: int) -> tuple[Any, Callable[[], torch.Tensor], dict]:
-    """(model, call, {"latents": last latents}) for our whole txt2img: text encoding, DDIM with guidance, decoding;
-    the call returns the images [1, 3, H, W] in [0, 1]."""
+    """(model, call, {"latents": last latents}) for our whole txt2img: text encoding, ``args.sampler`` (default
+    DDIM) with guidance, decoding; the call returns the images [1, 3, H, W] in [0, 1]."""
     from ldm.inference import pipeline
     from ldm.samplers import resolve
 
@@ -75,7 +75,7 @@ def ours_txt2img(args: argparse.Namespace, latent: int) -> tuple[Any, Callable[[
     model = model.to(args.device).eval().requires_grad_(False)
     precision = pipeline.choose_precision(args.device, "autocast" if args.dtype != torch.float32 else "full",
                                           args.dtype == torch.bfloat16)
-    sampler = resolve("ddim")
+    sampler = resolve(getattr(args, "sampler", "DDIM"))
     job = pipeline.Job((PROMPT,), (42,))
     last: dict = {}
 
@@ -89,26 +89,52 @@ def ours_txt2img(args: argparse.Namespace, latent: int) -> tuple[Any, Callable[[
     return model, run, last
 
 
-def diffusers_txt2img(args: argparse.Namespace, model: Any, latent: int) -> Callable[[], torch.Tensor]:
-    """The same job with diffusers' UNet, DDIMScheduler and VAE (text encoded by our CLIP: same architecture)."""
-    from diffusers import DDIMScheduler
+# Our sampler (short name, schedule) -> the diffusers scheduler that runs the same method.
+DIFFUSERS_SCHEDULERS = {
+    ("ddim", "ddim"): ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+    ("dpmpp_2m", "karras"): ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                             "use_karras_sigmas": True}),
+    ("euler", "normal"): ("EulerDiscreteScheduler", {}),
+    ("euler_ancestral", "normal"): ("EulerAncestralDiscreteScheduler", {}),
+    ("unipc", "normal"): ("UniPCMultistepScheduler", {}),
+}
 
+
+def diffusers_scheduler(sampler: str) -> Optional[Any]:
+    """The diffusers scheduler matching our ``sampler`` name (SD 1 betas), or None when there is none in the table."""
+    import diffusers
+
+    from ldm.samplers import resolve
+
+    choice = resolve(sampler)
+    entry = DIFFUSERS_SCHEDULERS.get((choice.spec.name, choice.schedule))
+    if entry is None:
+        return None
+    name, options = entry
+    return getattr(diffusers, name)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **options)
+
+
+def diffusers_txt2img(args: argparse.Namespace, model: Any, latent: int) -> Optional[Callable[[], torch.Tensor]]:
+    """The same job with diffusers' UNet, the matching scheduler and VAE (text encoded by our CLIP: same
+    architecture); None when diffusers has no scheduler for ``args.sampler``."""
+    scheduler = diffusers_scheduler(getattr(args, "sampler", "DDIM"))
+    if scheduler is None:
+        return None
     params = sd_params("v1-inference", args)
     unet = diffusers_unet(params.unet_config.params).to(args.device, args.dtype).eval().requires_grad_(False)
     prepare(unet, args, ours=False)
     vae = diffusers_vae(params.first_stage_config.params.ddconfig).to(args.device, args.dtype).eval()
     prepare(vae.decoder, args, ours=False)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
     text = model.cond_stage_model.to(args.device, args.dtype)
 
     def run() -> torch.Tensor:
         context = text(["", PROMPT])
         scheduler.set_timesteps(args.steps)
         g = torch.Generator().manual_seed(42)
-        x = torch.randn(1, 4, latent, latent, generator=g).to(args.device, args.dtype)
+        x = (torch.randn(1, 4, latent, latent, generator=g) * scheduler.init_noise_sigma).to(args.device, args.dtype)
         for t in scheduler.timesteps:
-            out_uc, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+            out_uc, out_c = unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
             x = scheduler.step(out_uc + args.scale * (out_c - out_uc), t, x).prev_sample
         return ((vae.decode(x / 0.18215).sample.float() + 1) / 2).clamp(0, 1)
     return run

@@ -34,7 +34,8 @@ def test_cpu_defaults_are_the_reduced_fp32_set():
 
 @pytest.mark.parametrize("flags,message", [(["--compile", "default"], "CUDA devices"),
                                            (["--cuda-graphs"], "CUDA devices"),
-                                           (["--only", "unet3"], "unknown components")])
+                                           (["--only", "unet3"], "unknown components"),
+                                           (["--sampler", "DPM++ 2N"], "unknown sampler")])
 def test_bad_options_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", *flags])
@@ -74,6 +75,17 @@ def test_diffusers_contenders_have_our_architecture():
         ours = bench.instantiate_from_config(params.first_stage_config)
         theirs = contenders.diffusers_vae(params.first_stage_config.params.ddconfig)
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("DDIM", "DDIMScheduler"),
+                                               ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+                                               ("Euler a", "EulerAncestralDiscreteScheduler"), ("LMS", None)])
+def test_txt2img_line_runs_the_matching_diffusers_scheduler(sampler, scheduler):
+    pytest.importorskip("diffusers")
+    theirs = contenders.diffusers_scheduler(sampler)
+    assert (type(theirs).__name__ if theirs is not None else None) == scheduler
+    if sampler == "DPM++ 2M Karras":
+        assert theirs.config.use_karras_sigmas and theirs.config.algorithm_type == "dpmsolver++"
 
 
 def test_table_ratio_throughput_and_dashes():
