@@ -89,6 +89,9 @@ class Trainer:
         self.data = build_data(cfg.data)
         self.data.setup()  # bad data folders are reported before anything is written
         self.model = instantiate_from_config(model_config(cfg)).to(ctx.device)
+        if cfg.get("lora") is not None:  # LoRA fine-tuning: frozen base, adapters only (ldm.modules.lora.train)
+            from ldm.modules.lora.train import apply_lora_section
+            apply_lora_section(self.model, cfg.lora)
         accumulate = self.settings.accumulate_grad_batches
         self.lr = effective_learning_rate(base_learning_rate(cfg), self.data.batch_size, accumulate,
                                           ctx.world_size, opts.scale_lr)
@@ -169,6 +172,9 @@ class Trainer:
 
     def export_inference_weights(self) -> Path:
         """EMA-only (or plain, without EMA) inference weights of the current model as safetensors."""
+        if self.cfg.get("lora") is not None:
+            from ldm.modules.lora.train import save_kohya
+            return save_kohya(self.model, self.ckpt_dir / "last-lora.safetensors")
         has_ema = getattr(self.model, "use_ema", False)
         name = "last-ema.safetensors" if has_ema else "last-weights.safetensors"
         return ckpt_io.export_ema(self.model.state_dict(), self.ckpt_dir / name, self.inference_config, force=True)
