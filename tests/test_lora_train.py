@@ -130,3 +130,21 @@ def test_trainer_lora_section_trains_adapters_resumes_exactly_and_exports(tmp_pa
     assert again.keys() == exported.keys()
     for k, v in exported.items():
         torch.testing.assert_close(again[k], v, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inference, lora_config_file", [("v1-inference.yaml", "lora-sd1.yaml"),
+                                                         ("v2-inference.yaml", "lora-sd2.yaml")])
+def test_lora_configs_fit_the_sd_inference_configs(tmp_path, inference, lora_config_file):
+    from ldm.training.config import check_complete, check_sections, trainer_settings
+
+    files = [ROOT / "configs" / "stable-diffusion" / inference, ROOT / "configs" / "training" / lora_config_file]
+    with pytest.raises(ValueError, match="ckpt_path"):
+        check_complete(load_config(files))
+    cfg = load_config(files, ["model.params.ckpt_path=/models/base.safetensors",
+                              f"data.params.train.params.root={tmp_path}"])
+    check_sections(cfg)
+    check_complete(cfg)
+    trainer_settings(cfg)
+    settings = lora_config(cfg.lora)
+    assert settings.modules == ("to_q", "to_k", "to_v", "to_out.0") and settings.rank == 8
+    assert cfg.model.params.use_ema is False and cfg.model.params.scheduler_config is None

@@ -36,7 +36,8 @@ def _colours(txt2img, prompt: str, out, extra=()) -> Counter:
 def test_tiny_lora_teaches_the_default_model_a_colour_word(tmp_path):
     _training_pictures(tmp_path / "data")
     cfg = load_config([MODEL_DIR / "config.yaml", ROOT / "configs" / "training" / "lora-sd1.yaml"], [
-        f"model.params.ckpt_path={MODEL_DIR / 'model.safetensors'}", f"data.params.train.params.root={tmp_path / 'data'}",
+        f"model.params.ckpt_path={MODEL_DIR / 'model.safetensors'}",
+        f"data.params.train.params.root={tmp_path / 'data'}",
         f"data.params.train.params.size={SIZE}", "data.params.num_workers=0", "data.params.batch_size=4",
         "trainer.max_steps=60", "trainer.precision=32", "trainer.checkpoint_every_n_steps=60",
         "trainer.image_log_every_n_steps=0", "model.base_learning_rate=2e-3", *QUIET])
