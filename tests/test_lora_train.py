@@ -148,3 +148,18 @@ def test_lora_configs_fit_the_sd_inference_configs(tmp_path, inference, lora_con
     settings = lora_config(cfg.lora)
     assert settings.modules == ("to_q", "to_k", "to_v", "to_out.0") and settings.rank == 8
     assert cfg.model.params.use_ema is False and cfg.model.params.scheduler_config is None
+
+
+def test_bad_lora_section_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    from test_train_helpers import TINY, load_train_script
+
+    make_images(tmp_path / "data", 4, size=(32, 32))
+    train = load_train_script()
+    common = ["-t", "--base", str(TINY["ldm"]), "--logdir", str(tmp_path / "logs"),
+              f"data.params.train.params.root={tmp_path / 'data'}", *QUIET]
+    for bad, expected in (("lora.rnak=4", "rnak"), ("lora.modules=[to_x]", "match no attention"),
+                          ("lora.rank=0", "positive")):
+        assert train.main([*common, bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -79,7 +79,10 @@ def _attach(layer: nn.Linear, name: str, cfg: LoraTrainConfig) -> None:
 def add_lora(model: nn.Module, cfg: LoraTrainConfig) -> list[nn.Parameter]:
     """Freeze every weight of ``model`` (a LatentDiffusion) and add adapters to the UNet's attention layers named by
     ``cfg.modules``; returns the adapter parameters (the only ones that require gradients)."""
-    unet = model.model.diffusion_model
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(unet, nn.Module):
+        raise ValueError(f"lora: only a diffusion model's UNet can be adapted, not a {type(model).__name__}; "
+                         f"remove the lora: section")
     names = {t.key: alias for alias, t in lora_targets(model).items()
              if alias.startswith("lora_unet_") and not alias.startswith(("lora_unet_input_", "lora_unet_middle_",
                                                                          "lora_unet_output_"))}
