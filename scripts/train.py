@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 4 scripts/train.py --base cfg.yaml -t --name run1 model.base_learning_rate=5e-5
     python scripts/train.py --resume logs/2024-01-01T00-00-00_run1 -t
     python scripts/train.py --export_ema logs/.../checkpoints/last.ckpt model-ema.safetensors
+    python scripts/train.py --export_lora logs/.../checkpoints/step-00000500.ckpt my-lora.safetensors
 
 See configs/training/README.md for the config sections.
 """
@@ -56,8 +57,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if skip:
             skip -= 1
             rest.append(token)
-        elif token in _ONE_VALUE or token == "--export_ema":
-            skip = 2 if token == "--export_ema" else 1
+        elif token in _ONE_VALUE or token in ("--export_ema", "--export_lora"):
+            skip = 2 if token in ("--export_ema", "--export_lora") else 1
             rest.append(token)
         elif OVERRIDE_RE.match(token):
             overrides.append(token)
@@ -81,7 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export_ema", nargs=2, metavar=("CKPT", "OUT"),
                    help="write the EMA inference weights of a training checkpoint as .safetensors (and OUT's "
                         ".yaml inference config), then exit")
-    p.add_argument("--force", action="store_true", help="let --export_ema replace an existing OUT")
+    p.add_argument("--export_lora", nargs=2, metavar=("CKPT", "OUT"),
+                   help="write the LoRA adapters of a LoRA run's checkpoint as a kohya-format .safetensors, then exit")
+    p.add_argument("--force", action="store_true", help="let --export_ema / --export_lora replace an existing OUT")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.base_learning_rate=1e-4")
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(rest)
@@ -165,9 +168,25 @@ def log_to_file(handlers: list[logging.Handler], logdir: Path) -> None:
     handlers[1] = file
 
 
+def export_lora(args: argparse.Namespace) -> int:
+    """``--export_lora CKPT OUT``: a LoRA run's adapters as a kohya-format file; 0, or 2 with one line."""
+    from ldm.modules.lora.train import export_lora_checkpoint
+
+    ckpt, out = Path(args.export_lora[0]), Path(args.export_lora[1])
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UsageError(f"--export_lora: give the output file ending in .safetensors, not '{out}'")
+    try:
+        export_lora_checkpoint(ckpt, out, force=args.force)
+    except (FileExistsError, ValueError) as e:
+        raise UsageError(f"--export_lora: {e}") from None
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     """``--export_ema CKPT OUT``: inference weights and their config; 0, or 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.export_lora:
+        return export_lora(args)
     ckpt, out = Path(args.export_ema[0]), Path(args.export_ema[1])
     if out.is_dir():
         raise UsageError(f"--export_ema: '{out}' is a folder; give the output file, e.g. {out / 'model.safetensors'}")
@@ -231,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (also works under torchrun): 0, 2 with one line for bad input, 130 when stopped by a signal."""
     args = parse_args(argv)
     try:
-        return export(args) if args.export_ema else train(args)
+        return export(args) if args.export_ema or args.export_lora else train(args)
     except (UsageError, ConfigError, CheckpointError) as e:
         print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -130,6 +130,16 @@ def test_trainer_lora_section_trains_adapters_resumes_exactly_and_exports(tmp_pa
     assert again.keys() == exported.keys()
     for k, v in exported.items():
         torch.testing.assert_close(again[k], v, atol=1e-6, rtol=1e-5)
+    # --export_lora: the same file from a checkpoint, names from the config's UNet layout (no model built)
+    from test_train_helpers import load_train_script
+    train = load_train_script()
+    ckpt, out = tmp_path / "straight" / "checkpoints" / "last.ckpt", tmp_path / "from-ckpt.safetensors"
+    assert train.main(["--export_lora", str(ckpt), str(out)]) == 0
+    from_ckpt = load_file(str(out))
+    assert from_ckpt.keys() == exported.keys() and all(torch.equal(from_ckpt[k], v) for k, v in exported.items())
+    assert train.main(["--export_lora", str(ckpt), str(out)]) == 2  # exists: only with --force
+    assert train.main(["--export_lora", str(ckpt), str(out), "--force"]) == 0
+    assert train.main(["--export_lora", str(ckpt), str(tmp_path / "x.ckpt")]) == 2
 
 
 @pytest.mark.parametrize("inference, lora_config_file", [("v1-inference.yaml", "lora-sd1.yaml"),

@@ -130,17 +130,62 @@ def kohya_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_kohya(model: nn.Module, path: Path, base: str = "") -> Path:
-    """Write the adapters as a kohya-format ``.safetensors`` (atomically) with ``ss_`` metadata; returns the path."""
+def _write(sd: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """``sd`` (kohya keys) as ``.safetensors`` at ``path``, atomically, with kohya's ``ss_`` metadata."""
     from ldm.training.checkpoint import atomic_save_safetensors
 
-    sd = kohya_state_dict(model)
-    layers = adapted_layers(model)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(layers[0].lora_down.out_features),
-            "ss_network_alpha": f"{float(layers[0].lora_alpha):g}", "ss_base_model": str(base)}
+    first = next(k for k in sd if k.endswith(".lora_down.weight"))[: -len(".lora_down.weight")]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(sd[first + ".lora_down.weight"].shape[0]),
+            "ss_network_alpha": f"{float(sd[first + '.alpha']):g}"}
     atomic_save_safetensors(sd, Path(path), meta)
-    logger.info("LoRA written: %s (%d layers)", path, len(layers))
+    logger.info("LoRA written: %s (%d layers)", path, len(sd) // 3)
     return Path(path)
+
+
+def save_kohya(model: nn.Module, path: Path) -> Path:
+    """Write the model's adapters as a kohya-format ``.safetensors`` (atomically); returns the path."""
+    return _write(kohya_state_dict(model), Path(path))
+
+
+def kohya_from_training_state(sd: Mapping[str, torch.Tensor], unet_params: Mapping[str, Any]) -> dict:
+    """The adapters in a training checkpoint's ``state_dict`` under kohya names (from the UNet's layout params,
+    no model built); {} when it has none."""
+    from ldm.convert import diffusers_keys as dk
+
+    prefix, down = "model.diffusion_model.", ".lora_down.weight"
+    layers = [k[len(prefix):-len(down)] for k in sd if k.startswith(prefix) and k.endswith(down)]
+    if not layers:
+        return {}
+    blocks = unet_params["num_res_blocks"]
+    params = {"num_res_blocks": blocks[0] if isinstance(blocks, (list, tuple)) else blocks,
+              "channel_mult": list(unet_params["channel_mult"]),
+              "attention_resolutions": list(unet_params["attention_resolutions"])}
+    converted = dk.unet_to_diffusers({f"{n}.weight": None for n in layers}, params)  # keeps the order
+    out: dict[str, torch.Tensor] = {}
+    for layer, theirs in zip(layers, converted):
+        name, ours = "lora_unet_" + theirs[: -len(".weight")].replace(".", "_"), prefix + layer
+        out[name + ".lora_down.weight"] = sd[ours + ".lora_down.weight"].float().contiguous()
+        out[name + ".lora_up.weight"] = sd[ours + ".lora_up.weight"].float().contiguous()
+        out[name + ".alpha"] = sd[ours + ".lora_alpha"].float().reshape(())
+    return out
+
+
+def export_lora_checkpoint(ckpt: Path, out: Path, force: bool = False) -> Path:
+    """The adapters of a LoRA run's training checkpoint (``last.ckpt`` / ``step-N.ckpt``) as a kohya file at ``out``;
+    ValueError when it has none, FileExistsError when ``out`` exists (unless ``force``)."""
+    from ldm.training.checkpoint import read_training_checkpoint
+
+    state = read_training_checkpoint(ckpt)
+    try:
+        unet_params = state["config"]["model"]["params"]["unet_config"]["params"]
+    except (KeyError, TypeError):
+        raise ValueError(f"'{ckpt}' keeps no model config with a unet_config; is it a diffusion run's?") from None
+    sd = kohya_from_training_state(state["state_dict"], unet_params)
+    if not sd:
+        raise ValueError(f"'{ckpt}' holds no LoRA adapters (the run had no lora: section); use --export_ema")
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"'{out}' exists; pass --force to replace it")
+    return _write(sd, Path(out))
 
 
 def apply_lora_section(model: nn.Module, section: Mapping[str, Any] | None) -> Sequence[nn.Parameter]:
