@@ -173,3 +173,22 @@ def test_bad_lora_section_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tmp_path):
+    """The SD inference configs set use_checkpoint: the frozen base must not break the recomputed backward pass."""
+    cfg, (_, ckpt) = _tiny(tmp_path)
+    grads = []
+    for flag in (False, True):
+        cfg.model.params.unet_config.params.use_checkpoint = flag
+        torch.manual_seed(0)
+        model = load_model_from_config(cfg, ckpt)
+        params = add_lora(model, LoraTrainConfig(rank=2, dropout=0.2))
+        _randomise_adapters(model)
+        model.train()
+        x, t, ctx = _inputs(model)
+        torch.manual_seed(1)
+        model.apply_model(x, t, ctx).square().mean().backward()
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
