@@ -174,10 +174,9 @@ def guided_denoiser(model: Any, uncond: Optional[torch.Tensor], scale: float) ->
 
 def sampler_steps(model: Any, choice: SamplerChoice, steps: int, strength: Optional[float] = None) -> int:
     """Sampler steps one image takes (DDIM grids can have more than ``steps``, as the original's; img2img fewer)."""
-    denoiser = SigmaDenoiser(ModelDenoiser(model))
     if strength is None:
-        return len(samplers.sigmas_for(choice, denoiser, steps)) - 1
-    return samplers.img2img_steps(choice, denoiser, steps, strength)
+        return len(samplers.sigmas_for(choice, model.alphas_cumprod, steps)) - 1
+    return samplers.img2img_steps(choice, model.alphas_cumprod, steps, strength)
 
 
 @torch.inference_mode()

@@ -28,23 +28,12 @@ class SigmaDenoiser:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.prediction = Prediction(fn.prediction)
-        self.sigmas = model_sigmas(fn.alphas_cumprod)
-        self.log_sigmas = self.sigmas.log()
+        self.log_sigmas = model_sigmas(fn.alphas_cumprod).log()
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's discrete schedule [T]."""
         return self.fn.alphas_cumprod
-
-    @property
-    def sigma_min(self) -> float:
-        """The lowest noise level of the model (timestep 0)."""
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        """The highest noise level of the model (timestep T - 1)."""
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model's (fractional) timestep [B] for noise levels sigma [B], float32 on sigma's device."""

@@ -19,7 +19,7 @@ from ldm.models.diffusion.denoiser import ModelDenoiser
 from ldm.modules.diffusionmodules.schedules import make_ddim_sampling_parameters, make_ddim_timesteps
 from ldm.samplers.denoiser import DenoiseFn, guided, masked
 from ldm.samplers.noise import gaussian_noise, scaled_noise
-from ldm.samplers.schedules import append_zero, model_sigmas
+from ldm.samplers.schedules import ddim_grid, respaced_sigmas
 from ldm.samplers.steps import StepInfo
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,12 @@ class OriginalSampler:
     def grid(self, use_original_steps: bool = False) -> torch.Tensor:
         """The sigma levels of the chosen timesteps, descending, then sigma_0 (every timestep, then 0, with
         ``use_original_steps``)."""
-        sig = model_sigmas(self.denoiser.alphas_cumprod)
+        acp = self.denoiser.alphas_cumprod
         if use_original_steps:
-            return append_zero(sig.flip(0))
+            return respaced_sigmas(acp, range(len(acp)))
         if self.ddim_timesteps is None:
             raise RuntimeError(f"call {type(self).__name__}.make_schedule(ddim_num_steps=...) first")
-        return torch.cat([sig[torch.as_tensor(self.ddim_timesteps[::-1].copy())], sig[:1]])
+        return ddim_grid(acp, self.ddim_timesteps)
 
     def model_fn(self, cond: Any, scale: float, uncond: Any, sigmas: torch.Tensor,
                  ucg_schedule: Optional[Sequence[float]] = None, score_corrector: Any = None,

@@ -96,11 +96,6 @@ class UnknownSampler(ValueError):
     """A sampler or schedule name that is not in the table; the message suggests the closest names."""
 
 
-def names() -> list[str]:
-    """Every accepted sampler name (display names first)."""
-    return [s.label for s in SAMPLERS] + [s.name for s in SAMPLERS]
-
-
 def _schedule_key(name: str) -> Optional[str]:
     key = name.strip().lower()
     key = SCHEDULE_ALIASES.get(key, key)

@@ -14,13 +14,13 @@ from ldm.samplers.schedules import make_sigmas
 from ldm.samplers.steps import Callback
 
 
-def sigmas_for(choice: SamplerChoice, denoiser: SigmaDenoiser, steps: int) -> torch.Tensor:
-    """The full schedule of a run of ``steps`` steps (the web UI's: DPM2 and 3M SDE drop the next-to-last sigma
-    of steps + 1)."""
+def sigmas_for(choice: SamplerChoice, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """The full schedule of a run of ``steps`` steps on a model's ``alphas_cumprod`` [T] (the web UI's: DPM2 and
+    3M SDE drop the next-to-last sigma of steps + 1)."""
     if choice.spec.discard_penultimate and choice.schedule not in ("ddim", "dpm_solver"):
-        sigmas = make_sigmas(choice.schedule, denoiser.alphas_cumprod, steps + 1)
+        sigmas = make_sigmas(choice.schedule, alphas_cumprod, steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return make_sigmas(choice.schedule, denoiser.alphas_cumprod, steps)
+    return make_sigmas(choice.schedule, alphas_cumprod, steps)
 
 
 def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
@@ -31,11 +31,11 @@ def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     return sigmas[max(n - t_enc - 1, 0):]
 
 
-def img2img_steps(choice: SamplerChoice, denoiser: SigmaDenoiser, steps: int, strength: float) -> int:
+def img2img_steps(choice: SamplerChoice, alphas_cumprod: torch.Tensor, steps: int, strength: float) -> int:
     """Sampler steps img2img makes at ``strength`` (0: none, the init latents are returned)."""
     if strength <= 0:
         return 0
-    sigmas = sigmas_for(choice, denoiser, steps)
+    sigmas = sigmas_for(choice, alphas_cumprod, steps)
     return len(sigmas) - 1 if strength >= 1 else len(img2img_sigmas(sigmas, strength)) - 1
 
 
@@ -50,7 +50,7 @@ def sample(choice: SamplerChoice, denoiser: SigmaDenoiser, x_T: torch.Tensor, st
     """
     if init is not None and strength <= 0:
         return init
-    sigmas = sigmas_for(choice, denoiser, steps)
+    sigmas = sigmas_for(choice, denoiser.alphas_cumprod, steps)
     spec = choice.spec
     if init is not None and strength < 1:
         sigmas = img2img_sigmas(sigmas, strength)

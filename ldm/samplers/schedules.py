@@ -18,10 +18,16 @@ from ldm.modules.diffusionmodules.schedules import make_ddim_timesteps
 KARRAS_RHO = 7.0
 
 
+def _float64(alphas_cumprod: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The schedule as a float64 CPU tensor."""
+    if torch.is_tensor(alphas_cumprod):
+        return alphas_cumprod.detach().cpu().to(torch.float64)
+    return torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
+
+
 def model_sigmas(alphas_cumprod: torch.Tensor | np.ndarray) -> torch.Tensor:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) [T] (ascending, float64) of a discrete schedule."""
-    acp = torch.as_tensor(np.asarray(alphas_cumprod.detach().cpu() if torch.is_tensor(alphas_cumprod)
-                                     else alphas_cumprod), dtype=torch.float64)
+    acp = _float64(alphas_cumprod)
     return ((1.0 - acp) / acp).sqrt()
 
 
@@ -70,19 +76,22 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
-def ddim_sigmas(alphas_cumprod: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:
-    """The original DDIM grid: the levels of ``range(0, T, T // n) + 1`` descending, ending at sigma_0
-    (the original's ``alphas_prev[0] = alpha_bar[0]``); more than n steps where the original grid has them."""
+def ddim_grid(alphas_cumprod: torch.Tensor | np.ndarray, timesteps: np.ndarray) -> torch.Tensor:
+    """The levels of DDIM's (ascending) ``timesteps``, descending, ending at sigma_0 (the original's
+    ``alphas_prev[0] = alpha_bar[0]``)."""
     sig = model_sigmas(alphas_cumprod)
-    timesteps = make_ddim_timesteps("uniform", n, sig.shape[0], verbose=False)
-    return torch.cat([sig[torch.as_tensor(timesteps[::-1].copy())], sig[:1]])
+    return torch.cat([sig[torch.as_tensor(np.asarray(timesteps)[::-1].copy())], sig[:1]])
+
+
+def ddim_sigmas(alphas_cumprod: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:
+    """The original DDIM grid of ``range(0, T, T // n) + 1``; more than n steps where the original grid has them."""
+    return ddim_grid(alphas_cumprod, make_ddim_timesteps("uniform", n, len(alphas_cumprod), verbose=False))
 
 
 def dpm_solver_sigmas(alphas_cumprod: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:
     """The original SD 2 DPM-Solver grid: continuous times uniform from 1 to 1/T, where log alpha interpolates
     the discrete 0.5 log alpha_bar linearly between ``t_k = (k + 1) / T``; ends at sigma_0, no final 0."""
-    acp = torch.as_tensor(np.asarray(alphas_cumprod.detach().cpu() if torch.is_tensor(alphas_cumprod)
-                                     else alphas_cumprod), dtype=torch.float64)
+    acp = _float64(alphas_cumprod)
     total = acp.shape[0]
     t = torch.linspace(1.0, 1.0 / total, n + 1, dtype=torch.float64)
     log_alpha = torch.as_tensor(np.interp(t.numpy(), np.arange(1, total + 1) / total, 0.5 * acp.log().numpy()))
