@@ -21,11 +21,14 @@ setup(
         "torchsde>=0.2.5",  # Brownian-tree noise of the SDE samplers (DPM++ SDE, 2M SDE, 3M SDE)
     ],
     extras_require={
-        "train": ["tensorboard"],  # optional event files (trainer.tensorboard); nothing else training needs
+        "train": ["tensorboard"],
+        # scripts/serve.py: the web UI's HTTP API and the browser page
+        "server": ["fastapi>=0.110", "uvicorn>=0.29"],  # optional event files (trainer.tensorboard); nothing else training needs
         # oracles: k-diffusion's samplers (installed with --no-deps by .ci/run: its own requirements pull in wandb
         # and more; sampling needs scipy and torchdiffeq), diffusers (UniPC), sd-parsers (PNG parameters)
         # transformers + peft: diffusers' text encoders and load_lora_weights (diffusers folders, LoRA oracles)
+        # webuiapi: a published client of the web UI's API; selenium drives Debian's chromium (installed by .ci/run)
         "test": ["pytest>=7", "scipy", "torchdiffeq", "diffusers==0.42.1", "sd-parsers==0.6", "transformers==5.24.0",
-                 "peft==0.21.2"],
+                 "peft==0.21.2", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "webuiapi==0.9.17", "selenium==4.51.0"],
     },
 )
