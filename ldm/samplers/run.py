@@ -39,6 +39,20 @@ def img2img_steps(choice: SamplerChoice, alphas_cumprod: torch.Tensor, steps: in
     return len(sigmas) - 1 if strength >= 1 else len(img2img_sigmas(sigmas, strength)) - 1
 
 
+def run_schedule(choice: SamplerChoice, model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor,
+                 eta: Optional[float] = None, gens: Generators = None, callback: Callback = None) -> torch.Tensor:
+    """x [B, C, h, w] at level ``sigmas[-1]`` from x at ``sigmas[0]`` by the chosen sampler over exactly these
+    sigmas (descending), with the fresh noise a stochastic sampler needs (the SDXL refiner hand-off splits a
+    schedule in two runs)."""
+    spec = choice.spec
+    kwargs = dict(spec.options)
+    if spec.stochastic:
+        kwargs["eta"] = spec.eta if eta is None else eta
+        positive = sigmas[sigmas > 0]
+        kwargs["noise"] = make_noise(x, gens, spec.brownian, (float(positive.min()), float(positive.max())))
+    return spec.fn(model, x, sigmas, callback=callback, **kwargs)
+
+
 def sample(choice: SamplerChoice, denoiser: SigmaDenoiser, x_T: torch.Tensor, steps: int, cond: Any = None,
            *, init: Optional[torch.Tensor] = None, strength: float = 1.0, eta: Optional[float] = None,
            gens: Generators = None, callback: Callback = None, model: Optional[DenoiseFn] = None) -> torch.Tensor:
@@ -58,11 +72,6 @@ def sample(choice: SamplerChoice, denoiser: SigmaDenoiser, x_T: torch.Tensor, st
     else:
         s0 = float(sigmas[0])
         x = x_T * (math.sqrt(1.0 + s0 * s0) if spec.vp_start else s0)
-    kwargs = dict(spec.options)
-    if spec.stochastic:
-        kwargs["eta"] = spec.eta if eta is None else eta
-        positive = sigmas[sigmas > 0]
-        kwargs["noise"] = make_noise(x, gens, spec.brownian, (float(positive.min()), float(positive.max())))
-    x = spec.fn(model if model is not None else denoiser.bind(cond), x, sigmas, callback=callback, **kwargs)
+    x = run_schedule(choice, model if model is not None else denoiser.bind(cond), x, sigmas, eta, gens, callback)
     last = float(sigmas[-1])
     return x / math.sqrt(1.0 + last * last) if last > 0 else x
