@@ -255,10 +255,17 @@ def plan_canvas(opts: Any, inp: InpaintOptions, factor: int, width: Optional[int
         mask = Image.new("L", image.size, 0)
     else:
         raise UsageError("inpainting needs a mask: pass --mask PATH (white = repaint) or --outpaint L,R,T,B")
+    return build_canvas(image, mask, inp, width, height, native, opts.allow_large, opts.seed)
+
+
+def build_canvas(image: Image.Image, mask: Image.Image, inp: InpaintOptions, width: Optional[int],
+                 height: Optional[int], native: int, allow_large: bool = False, seed: int = 0) -> Canvas:
+    """The canvas of an RGB image and its grey mask of the same size (white = repaint): grown, checked, blurred,
+    cropped to the generated area ("only masked"); UsageError for bad input."""
     left, right, top, bottom = inp.pad
-    limits.check_size(image.width + left + right, image.height + top + bottom, opts.allow_large,
+    limits.check_size(image.width + left + right, image.height + top + bottom, allow_large,
                       what="the outpainted canvas" if any(inp.pad) else "the image")
-    image, mask = grow_canvas(image, mask, inp.pad, inp.fill, opts.seed)
+    image, mask = grow_canvas(image, mask, inp.pad, inp.fill, seed)
     check_mask(mask, inp.mask)
     mask = blur(mask, inp.mask_blur)
     if not inp.full_res:

@@ -1,0 +1,212 @@
+"""The public requests: txt2img / img2img / inpaint on a loaded model, returning images with their parameters."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from PIL import Image
+
+from ldm import samplers
+from ldm.api.model import LoadedModel
+from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
+from ldm.inference import inpaint, limits, pipeline
+from ldm.inference.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2 ** 63
+MAX_SCALE = 50.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request; ``None`` sizes take the model's (or the input image's), ``seed`` None is random."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 50
+    sampler: str = "ddim"
+    schedule: Optional[str] = None  # None or "automatic": the sampler's default
+    cfg_scale: float = 7.5
+    seed: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: Optional[float] = None
+    strength: Optional[float] = None  # img2img default 0.75; inpaint: 1 for inpainting models, else 0.75
+    init_image: Optional[Image.Image] = None
+    mask: Optional[Image.Image] = None  # white = repaint
+    mask_blur: int = 4
+    invert_mask: bool = False
+    full_res: bool = False  # repaint only the masked area at width x height ("Only masked")
+    full_res_padding: int = 32
+
+
+@dataclass
+class Result:
+    """The images of a request with their ``parameters`` texts, seeds and prompts (one entry per image)."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    flagged: list[bool] = field(default_factory=list)
+    interrupted: bool = False  # cancelled: the last batch shows the estimate at the step it stopped
+    request: Optional[Request] = None
+    settings: Optional[Settings] = None
+
+    def info(self) -> dict[str, Any]:
+        """The web UI's ``info`` fields (``seed``, ``all_seeds``, ``infotexts``...) of this result."""
+        request, settings = self.request, self.settings
+        return {"prompt": request.prompt, "all_prompts": self.prompts, "negative_prompt": request.negative_prompt,
+                "seed": self.seeds[0] if self.seeds else request.seed, "all_seeds": self.seeds,
+                "subseed": -1, "all_subseeds": [-1] * len(self.seeds),
+                "width": settings.width if settings else request.width,
+                "height": settings.height if settings else request.height,
+                "sampler_name": settings.sampler.label if settings else request.sampler,
+                "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
+                "denoising_strength": settings.strength if settings and settings.mode != "txt2img" else None,
+                "index_of_first_image": 0, "infotexts": self.parameters, "interrupted": self.interrupted}
+
+    def info_json(self) -> str:
+        """``info`` as the JSON string the web UI sends."""
+        return json.dumps(self.info())
+
+
+def valid_side(name: str, value: int, factor: int) -> int:
+    """``value`` if it is a multiple of the model's factor, else UsageError proposing the nearest ones."""
+    if value % factor:
+        low = value - value % factor
+        options = " or ".join(str(v) for v in (low, low + factor) if v >= factor)
+        raise UsageError(f"{name} {value} is not a multiple of {factor} (the model's downsampling factor): "
+                         f"use {options}")
+    return value
+
+
+def _check_numbers(m: LoadedModel, r: Request) -> None:
+    if not isinstance(r.prompt, str):
+        raise UsageError("prompt must be a text")
+    for name, value, low in (("steps", r.steps, 1), ("batch_size", r.batch_size, 1), ("n_iter", r.n_iter, 1),
+                             ("width", r.width, 1), ("height", r.height, 1), ("mask_blur", r.mask_blur, 0),
+                             ("full_res_padding", r.full_res_padding, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    if r.steps > m.geometry.timesteps:
+        raise UsageError(f"steps {r.steps} exceeds the model's {m.geometry.timesteps} diffusion timesteps")
+    if not math.isfinite(r.cfg_scale) or abs(r.cfg_scale) > MAX_SCALE:
+        raise UsageError(f"cfg_scale must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g}, "
+                         f"got {r.cfg_scale}")
+    if r.eta is not None and not 0.0 <= r.eta <= 1.0:
+        raise UsageError(f"eta must be between 0 and 1, got {r.eta}")
+    if r.strength is not None and not 0.0 <= r.strength <= 1.0:
+        raise UsageError(f"strength (denoising_strength) must be between 0 and 1, got {r.strength}")
+    if r.seed is not None and not 0 <= r.seed < MAX_SEED:
+        raise UsageError(f"seed must be between 0 and 2**63 - 1 (or None for a random one), got {r.seed}")
+
+
+def _sampler(r: Request) -> samplers.SamplerChoice:
+    schedule = None if r.schedule in (None, "", "automatic", "Automatic") else r.schedule
+    try:
+        return samplers.resolve(r.sampler, schedule)
+    except samplers.UnknownSampler as e:
+        raise UsageError(str(e)) from None
+
+
+def _sized(image: Image.Image, factor: int, width: Optional[int], height: Optional[int]) -> Image.Image:
+    """RGB ``image`` resized to width x height (default: its own size cut down to a multiple of factor)."""
+    image = pipeline._rgb(image)
+    w, h = image.size
+    target = (width or w - w % factor, height or h - h % factor)
+    if min(target) < factor:
+        raise UsageError(f"the input image is {w}x{h} pixels; it needs at least {factor} pixels per side")
+    return image if target == (w, h) else image.resize(target, resample=Image.LANCZOS)
+
+
+def _canvas(m: LoadedModel, r: Request, width: Optional[int], height: Optional[int]) -> tuple[Any, Any]:
+    """(canvas, options) of an inpaint request: image and mask (white = repaint) at the image's size."""
+    if r.init_image is None or r.mask is None:
+        raise UsageError("inpaint needs an input image and a mask (white = repaint)")
+    opts = inpaint.InpaintOptions(None, r.mask_blur, r.invert_mask, (0, 0, 0, 0), "edge", r.full_res,
+                                  r.full_res_padding, r.strength is not None)
+    f = m.geometry.factor
+    image = _sized(r.init_image, f, None if r.full_res else width, None if r.full_res else height)
+    mask = pipeline._rgb(r.mask).convert("L")
+    if mask.size != image.size:
+        mask = mask.resize(image.size, resample=Image.BILINEAR)
+    if r.invert_mask:
+        mask = Image.eval(mask, lambda v: 255 - v)
+    canvas = inpaint.build_canvas(image, mask, opts, width, height, m.geometry.native_pixels)
+    return canvas, opts
+
+
+def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
+    """Check a request against the model; UsageError naming the problem and the fix."""
+    _check_numbers(m, r)
+    if m.inpainting and mode != "inpaint":
+        raise UsageError(f"'{m.name}' is an inpainting model: it needs an input image and a mask (inpaint)")
+    f = m.geometry.factor
+    width = valid_side("width", r.width, f) if r.width is not None else None
+    height = valid_side("height", r.height, f) if r.height is not None else None
+    init = canvas = opts = None
+    strength = 1.0
+    if mode == "img2img":
+        if r.init_image is None:
+            raise UsageError("img2img needs an input image (init_images)")
+        init = _sized(r.init_image, f, width, height)
+        width, height = init.size
+        strength = 0.75 if r.strength is None else r.strength
+    elif mode == "inpaint":
+        canvas, opts = _canvas(m, r, width, height)
+        width, height = canvas.size
+        default = inpaint.INPAINT_STRENGTH if m.inpainting else inpaint.IMG2IMG_STRENGTH
+        strength = default if r.strength is None else r.strength
+    width, height = width or m.geometry.native_pixels, height or m.geometry.native_pixels
+    limits.check_size(width, height, False)
+    choice = _sampler(r)
+    return Settings(mode, r.negative_prompt, r.steps, choice, r.cfg_scale, width, height,
+                    r.eta if choice.spec.stochastic else None, strength, init, canvas, opts)
+
+
+def random_seed() -> int:
+    """A random seed as the web UI draws them (below 2**32)."""
+    return secrets.randbelow(2 ** 32 - 1)
+
+
+def generate(m: LoadedModel, r: Request, mode: str, progress: ProgressCallback = None,
+             cancel: Any = None) -> Result:
+    """Run a request: batch_size images per batch, n_iter batches, image k seeded with seed + k.
+
+    ``progress`` is called after every sampler step; ``cancel`` (e.g. a ``threading.Event``) is checked after
+    every step: when set, the run stops and the interrupted batch's images show its current estimate.
+    """
+    s = settings_for(m, r, mode)
+    seed = r.seed if r.seed is not None else random_seed()
+    jobs = pipeline.plan_jobs([r.prompt], r.batch_size, r.n_iter, seed)
+    m.loras.specs_for(r.prompt)  # an unknown <lora:NAME> fails before any work
+    task, result = Task(m, s), Result(request=r, settings=s)
+    for index, job in enumerate(jobs):
+        watch = StepWatch(task, index, len(jobs), progress, cancel)
+        try:
+            latents = task.latents(job, watch)
+        except Cancelled:
+            result.interrupted = True
+            if watch.denoised is None:
+                break
+            latents = watch.denoised
+        limits.check_finite(latents, "the sampled latents", m.precision.reduced)
+        images, flags = task.images(latents)
+        for image, prompt, seed_k, flag in zip(images, job.prompts, job.seeds, flags):
+            result.images.append(image)
+            result.parameters.append(task.parameters(prompt, seed_k))
+            result.seeds.append(seed_k)
+            result.prompts.append(prompt)
+            result.flagged.append(flag)
+        if result.interrupted or (cancel is not None and cancel.is_set()):
+            result.interrupted = True
+            break
+    return result

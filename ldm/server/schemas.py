@@ -1,0 +1,100 @@
+"""Request bodies of the web UI's API (``/sdapi/v1/txt2img``, ``img2img``...), with its JSON field names.
+
+Unknown fields are ignored, as the web UI does; wrong types and out-of-range values are 422 answers.
+Fields the web UI has but this server does not use (``restore_faces``, ``enable_hr``, scripts...) are ignored too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (``scripts/serve.py`` flags)."""
+
+    max_pixels: int = 1024 * 1024  # width x height
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_upload_bytes: int = 32 * 1024 * 1024  # a whole request body
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerationBody(_Body):
+    """Fields shared by txt2img and img2img."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1)
+    sampler_name: Optional[str] = None  # None: Euler a, the web UI's
+    sampler_index: Optional[str] = None  # the older field name
+    scheduler: Optional[str] = None  # "automatic" / None: the sampler's default
+    cfg_scale: float = Field(7.0, ge=-50, le=50, allow_inf_nan=False)
+    seed: int = Field(-1, ge=-1, lt=2 ** 63)
+    width: Optional[int] = Field(None, ge=8)
+    height: Optional[int] = Field(None, ge=8)
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    eta: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    send_images: bool = True
+    save_images: bool = False
+
+    def sampler(self) -> str:
+        """The sampler name the client chose (``sampler_name``, else ``sampler_index``, else Euler a)."""
+        return self.sampler_name or self.sampler_index or "Euler a"
+
+    def check_limits(self, limits: Limits) -> Optional[str]:
+        """A readable reason when the request exceeds the server's limits, else None."""
+        if self.steps > limits.max_steps:
+            return f"steps {self.steps} is more than this server allows ({limits.max_steps})"
+        if self.batch_size > limits.max_batch_size:
+            return f"batch_size {self.batch_size} is more than this server allows ({limits.max_batch_size})"
+        if self.n_iter > limits.max_n_iter:
+            return f"n_iter {self.n_iter} is more than this server allows ({limits.max_n_iter})"
+        w, h = self.width or 0, self.height or 0
+        if w * h > limits.max_pixels:
+            return f"width x height {w}x{h} is more than this server allows ({limits.max_pixels} pixels)"
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """Keywords of :class:`ldm.api.Request` (prompt, sizes, seed...; images are added by the caller)."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                    sampler=self.sampler(), schedule=self.scheduler, cfg_scale=self.cfg_scale,
+                    seed=None if self.seed == -1 else self.seed, width=self.width, height=self.height,
+                    batch_size=self.batch_size, n_iter=self.n_iter, eta=self.eta)
+
+
+class Txt2ImgBody(GenerationBody):
+    """``POST /sdapi/v1/txt2img``."""
+
+
+class Img2ImgBody(GenerationBody):
+    """``POST /sdapi/v1/img2img``: ``init_images`` (base64), with ``mask`` it inpaints."""
+
+    init_images: list[str] = Field(min_length=1)
+    denoising_strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    mask: Optional[str] = None
+    mask_blur: int = Field(4, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    include_init_images: bool = False
+
+
+class PngInfoBody(_Body):
+    """``POST /sdapi/v1/png-info``."""
+
+    image: str
+
+
+class OptionsBody(_Body):
+    """``POST /sdapi/v1/options``: only ``sd_model_checkpoint`` changes anything here."""
+
+    model_config = ConfigDict(extra="allow")
+    sd_model_checkpoint: Optional[str] = None

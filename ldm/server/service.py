@@ -1,0 +1,129 @@
+"""What the endpoints share: the loaded model, the checkpoint catalogue, the queue, saving and progress."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ldm.api import Generator, Progress, Request, Result
+from ldm.inference.errors import UsageError
+from ldm.inference.outputs import OutputWriter
+from ldm.server.images import encode_png
+from ldm.server.models import Checkpoint, default_checkpoint, find_checkpoints
+from ldm.server.queue import Job, JobQueue
+from ldm.server.schemas import Limits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``scripts/serve.py`` decides: model, device, limits, where and how images are saved."""
+
+    ckpt: Optional[Path] = None
+    config: Optional[Path] = None
+    vae: Optional[Path] = None
+    loras: Sequence[str] = ()
+    device: Optional[str] = None
+    precision: str = "autocast"
+    ckpt_dirs: Sequence[Path] = ()
+    outdir: Path = Path("outputs")
+    watermark: bool = True
+    preview_interval: float = 1.0  # seconds between live previews; negative: none
+    limits: Limits = field(default_factory=Limits)
+    auth: Optional[str] = None  # "user:pass"
+
+
+class Service:
+    """The model (loaded once; switched through the queue), the checkpoints it may switch to, the queue."""
+
+    def __init__(self, cfg: ServerConfig, generator: Optional[Generator] = None):
+        self.cfg = cfg
+        self.queue = JobQueue()
+        self.generator = generator or Generator.load(cfg.ckpt, cfg.config, vae=cfg.vae, loras=cfg.loras,
+                                                     device=cfg.device, precision=cfg.precision)
+        self.checkpoints = self._catalogue()
+        self.current = self._matching(self.generator.loaded.source.ckpt_path)
+        self.queue.start()
+
+    def close(self) -> None:
+        """Stop the worker (queued jobs are cancelled, the running one interrupted)."""
+        self.queue.stop()
+
+    def _catalogue(self) -> list[Checkpoint]:
+        entries = [default_checkpoint()] + find_checkpoints(list(self.cfg.ckpt_dirs))
+        if self.cfg.ckpt is not None and not any(c.filename == self.cfg.ckpt for c in entries):
+            from ldm.inference.metadata import file_hash
+
+            entries.append(Checkpoint(self.cfg.ckpt.name, self.cfg.ckpt, self.cfg.ckpt, self.cfg.config,
+                                      file_hash(self.cfg.ckpt, 64)))
+        return entries
+
+    def _matching(self, path: Path) -> Checkpoint:
+        for entry in self.checkpoints:
+            if Path(entry.filename).resolve() == Path(path).resolve():
+                return entry
+        return self.checkpoints[0]
+
+    def find(self, text: str) -> Checkpoint:
+        """The catalogue entry ``text`` names; UsageError listing the titles otherwise."""
+        for entry in self.checkpoints:
+            if entry.matches(text):
+                return entry
+        titles = ", ".join(c.title for c in self.checkpoints)
+        raise UsageError(f"sd_model_checkpoint '{text}' is not a known checkpoint; use one of: {titles}")
+
+    def switch(self, entry: Checkpoint) -> None:
+        """Load ``entry`` instead of the current model (on the worker, between jobs)."""
+        if entry == self.current:
+            return
+        logger.info("loading %s", entry.title)
+        loaded = Generator.load(entry.ckpt, entry.config, device=self.generator.loaded.device,
+                                precision=self.cfg.precision, loras=self.cfg.loras)
+        self.generator.close()
+        self.generator, self.current = loaded, entry
+
+    def generate(self, job: Job, request: Request, mode: str, save: bool) -> Result:
+        """Run a request on the worker, reporting progress (and previews) into ``job``; save when asked."""
+        last_preview = [0.0]
+
+        def progress(p: Progress) -> None:
+            job.step, job.steps, job.batch, job.batches, job.fraction = p.step, p.total, p.batch, p.batches, p.fraction
+            interval = self.cfg.preview_interval
+            if interval >= 0 and time.monotonic() - last_preview[0] >= interval:
+                job.preview = encode_png(p.preview())
+                last_preview[0] = time.monotonic()
+
+        result = self.generator.run(request, mode, progress, job.cancel)
+        if save and result.images:
+            self.save(result, mode)
+        return result
+
+    def save(self, result: Result, mode: str) -> list[Path]:
+        """Write the images as the scripts do: ``outdir/<mode>-samples/samples/NNNNN.png`` with parameters."""
+        from ldm.inference.loading import default_watermark
+
+        watermark = default_watermark(self.generator.loaded.geometry) if self.cfg.watermark else None
+        writer = OutputWriter(self.cfg.outdir / f"{mode}-samples", watermark, save_samples=True, save_grid=False)
+        return [path for image, params in zip(result.images, result.parameters)
+                if (path := writer.sample(image, params)) is not None]
+
+    def progress(self, skip_image: bool = False) -> dict[str, Any]:
+        """The web UI's ``/progress`` answer: the running job's progress and the queue."""
+        job, pending = self.queue.current, self.queue.pending()
+        fraction = job.fraction if job is not None else 0.0
+        eta = 0.0
+        if job is not None and job.started is not None and fraction > 0:
+            elapsed = time.time() - job.started
+            eta = elapsed / fraction - elapsed
+        state = {"skipped": False, "interrupted": bool(job and job.cancel.is_set()),
+                 "job": f"task({job.id})" if job else "", "job_count": pending + (job is not None),
+                 "queue_pending": pending, "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(
+                     job.created)) if job else "0", "job_no": job.batch if job else 0,
+                 "sampling_step": job.step if job else 0, "sampling_steps": job.steps if job else 0,
+                 "jobs_completed": self.queue.completed}
+        image = job.preview if job is not None and not skip_image else None
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
+                "textinfo": None}
