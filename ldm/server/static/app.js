@@ -5,6 +5,7 @@
 (() => {
   const API = "/sdapi/v1";
   const POLL_MS = 250;
+  const PREVIEW_EVERY = 4;   // the preview image on every 4th poll only (from the 2nd): decoding it costs the server
   const MASK_COLOUR = "#ff2d6f";
   const PNG_PREFIX = "data:image/png;base64,";
 
@@ -189,7 +190,7 @@
       $("progress-bar").value = 100;
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
       const what = `${added} image${added === 1 ? "" : "s"} in ${seconds} s`;
-      setStatus(state.interrupted ? `Interrupted: ${what}` : `Done: ${what}`);
+      setStatus(state.interrupted || parseInfo(result.info).interrupted ? `Interrupted: ${what}` : `Done: ${what}`);
     } catch (err) {
       $("progress-bar").value = 0;
       setStatus(state.interrupted ? "Interrupted" : "Failed");
@@ -217,11 +218,11 @@
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   async function pollProgress(run) {
-    while (state.run === run) {
+    for (let poll = 1; state.run === run; poll += 1) {
       await sleep(POLL_MS);
       if (state.run !== run) return;
       try {
-        const progress = await api("/progress?skip_current_image=false");
+        const progress = await api(`/progress?skip_current_image=${poll % PREVIEW_EVERY !== 2}`);
         if (state.run === run) showProgress(progress);
       } catch (_) {
         // A missed poll is not an error worth showing; the request itself reports failures.
