@@ -14,6 +14,8 @@ import inspect
 import re
 from typing import Any, Mapping, Optional
 
+from ldm.sgm_aliases import resolve_target
+
 # Non-project targets that configs may name: reviewed, harmless to construct with any arguments.
 ALLOWED_EXTERNAL = frozenset({
     "torch.nn.Identity",  # the placeholder ``lossconfig`` of every Stable Diffusion inference config
@@ -50,6 +52,7 @@ def refusal(target: Any) -> Optional[str]:
         return "is not a dotted class path"
     if target in ALLOWED_EXTERNAL:
         return None
+    target = resolve_target(target)  # the SDXL configs' sgm.* names: aliases of project classes
     module, name = target.rsplit(".", 1)
     if not _in_project(module):
         return "is not one of this project's classes"

@@ -7,10 +7,14 @@ from typing import Any, Mapping
 
 import torch
 
+from ldm.sgm_aliases import resolve_target
+
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Import and return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``."""
-    module, cls = string.rsplit(".", 1)
+    """Import and return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``.
+
+    The ``sgm.*`` paths of the SDXL configs resolve to the project's classes (``ldm.sgm_aliases``)."""
+    module, cls = resolve_target(string).rsplit(".", 1)
     try:
         mod = importlib.import_module(module)
     except ImportError as e:

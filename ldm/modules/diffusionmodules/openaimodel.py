@@ -254,7 +254,7 @@ class UNetModel(nn.Module):
                  num_heads: int = -1, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
-                 transformer_depth: int = 1, context_dim: int | Sequence[int] | None = None,
+                 transformer_depth: int | Sequence[int] = 1, context_dim: int | Sequence[int] | None = None,
                  n_embed: int | None = None, legacy: bool = True,
                  disable_self_attentions: Sequence[bool] | None = None,
                  num_attention_blocks: Sequence[int] | None = None, disable_middle_self_attn: bool = False,
@@ -277,7 +277,8 @@ class UNetModel(nn.Module):
         self.predict_codebook_ids = n_embed is not None
         self._attn = dict(num_heads=num_heads, num_head_channels=num_head_channels, legacy=legacy,
                           use_spatial_transformer=use_spatial_transformer, use_checkpoint=use_checkpoint,
-                          use_new_attention_order=use_new_attention_order, transformer_depth=transformer_depth,
+                          use_new_attention_order=use_new_attention_order,
+                          transformer_depth=self._per_level_depths(channel_mult, transformer_depth),
                           context_dim=context_dim, use_linear=use_linear_in_transformer,
                           disable_self_attentions=disable_self_attentions,
                           num_attention_blocks=num_attention_blocks)
@@ -323,6 +324,18 @@ class UNetModel(nn.Module):
         return blocks
 
     @staticmethod
+    def _per_level_depths(channel_mult: Sequence[int], transformer_depth: int | Sequence[int]) -> list[int]:
+        """Transformer blocks per level (an int applies to every level; the middle block uses the last level's)."""
+        levels = len(channel_mult)
+        if isinstance(transformer_depth, int):
+            return [transformer_depth] * levels
+        depths = [int(d) for d in transformer_depth]
+        if len(depths) != levels:
+            raise ValueError(f"transformer_depth must be an int or have one entry per channel_mult level ({levels}), "
+                             f"got {depths}")
+        return depths
+
+    @staticmethod
     def _label_embedding(num_classes: int | str, dim: int, adm_in_channels: int | None) -> nn.Module:
         """Class / continuous / sequential (adm) label embedding into the time-embedding width."""
         if isinstance(num_classes, int):
@@ -355,7 +368,8 @@ class UNetModel(nn.Module):
         if disable_self_attn is None:
             disabled = a["disable_self_attentions"]
             disable_self_attn = bool(disabled[level]) if disabled is not None else False
-        return SpatialTransformer(ch, num_heads, dim_head, depth=a["transformer_depth"], context_dim=a["context_dim"],
+        depth = a["transformer_depth"][-1 if level is None else level]
+        return SpatialTransformer(ch, num_heads, dim_head, depth=depth, context_dim=a["context_dim"],
                                   disable_self_attn=disable_self_attn, use_linear=a["use_linear"],
                                   use_checkpoint=a["use_checkpoint"])
 

@@ -265,22 +265,30 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
                                 token_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens [B, L] -> features [B, L, width] (embeddings, blocks up to ``layer``, ln_final); ``token_embeds``
         [B, L, width] replaces the token embeddings when given."""
+        x, mask = self.embed_tokens(tokens, token_embeds)
+        x = self.text_transformer_forward(x, attn_mask=mask)
+        return self.model.ln_final(x)
+
+    def embed_tokens(self, tokens: torch.Tensor,
+                     token_embeds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token + position embeddings [B, L, width], causal attention mask [L, L]) of tokens [B, L]."""
         if token_embeds is None:
             token_embeds = self.model.token_embedding(tokens)
         x = token_embeds + self.model.positional_embedding[: tokens.shape[1]]
         length = tokens.shape[1]
         mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = self.text_transformer_forward(x, attn_mask=mask)
-        return self.model.ln_final(x)
+        return x, mask
 
-    def text_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Residual blocks on batch-first ``x`` [B, L, width], skipping the last ``layer_idx`` blocks."""
+    def text_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                                 blocks: Optional[slice] = None) -> torch.Tensor:
+        """Residual blocks on batch-first ``x`` [B, L, width]: those of ``blocks`` when given, else all but the last
+        ``layer_idx``."""
         transformer = self.model.transformer
         seq_first = not getattr(transformer, "batch_first", False)
         if seq_first:  # open_clip 2.x blocks take [L, B, width]
             x = x.transpose(0, 1)
-        blocks = transformer.resblocks
-        for block in blocks[: len(blocks) - self.layer_idx]:
+        resblocks = transformer.resblocks
+        for block in resblocks[blocks if blocks is not None else slice(len(resblocks) - self.layer_idx)]:
             x = block(x, attn_mask=attn_mask)
         return x.transpose(0, 1) if seq_first else x
 
