@@ -1,0 +1,221 @@
+"""The server against real clients: the ``webuiapi`` package (a published client of the web UI's API) and raw HTTP.
+
+Every request uses the shipped default model at 64x64 and a few steps (well under a second each on a CPU).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_fixture import _no_network, make_config, server, start_server  # noqa: F401 (fixtures)
+from ldm.inference.metadata import parse_parameters
+
+webuiapi = pytest.importorskip("webuiapi")
+
+SMALL = dict(width=64, height=64, steps=3)
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A webuiapi client of the module's server."""
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", steps=3)
+
+
+def _params(image: Image.Image) -> dict[str, str]:
+    return parse_parameters(image.info["parameters"])
+
+
+def test_txt2img_images_seeds_and_parameters(client):
+    result = client.txt2img(prompt=PROMPT, seed=1234, batch_size=2, n_iter=2, cfg_scale=7.5, **SMALL)
+    assert len(result.images) == 4
+    assert result.info["all_seeds"] == [1234, 1235, 1236, 1237] and result.info["seed"] == 1234
+    for image, seed, text in zip(result.images, result.info["all_seeds"], result.info["infotexts"]):
+        assert image.size == (64, 64)
+        assert image.info["parameters"] == text  # the PNG carries its own parameters
+        p = _params(image)
+        assert (p["Seed"], p["Steps"], p["Sampler"], p["Size"], p["Model"]) == (str(seed), "3", "Euler", "64x64",
+                                                                                 "sd-shapes")
+    assert result.parameters["prompt"] == PROMPT  # the request, echoed as the web UI does
+    again = client.txt2img(prompt=PROMPT, seed=1235, cfg_scale=7.5, **SMALL)  # image k is seed + k, also alone
+    difference = np.abs(np.asarray(again.image, dtype=int) - np.asarray(result.images[1], dtype=int))
+    assert difference.max() <= 3  # batch-size rounding only (ldm.inference.pipeline)
+
+
+def test_txt2img_random_seed_and_sampler_schedule(client):
+    result = client.txt2img(prompt=PROMPT, seed=-1, sampler_name="DPM++ 2M", scheduler="karras", **SMALL)
+    seed = result.info["seed"]
+    assert 0 <= seed < 2 ** 32
+    p = _params(result.image)
+    assert (p["Seed"], p["Sampler"], p["Schedule type"]) == (str(seed), "DPM++ 2M", "Karras")
+    automatic = client.txt2img(prompt=PROMPT, seed=3, sampler_name="DPM++ 2M", scheduler="automatic", **SMALL)
+    assert _params(automatic.image)["Schedule type"] == "Karras"  # the sampler's default
+
+
+def test_img2img_and_inpaint(client):
+    source = client.txt2img(prompt=PROMPT, seed=7, **SMALL).image
+    result = client.img2img(images=[source], prompt="a green square on a black background", seed=8,
+                            denoising_strength=0.6, **SMALL)
+    p = _params(result.image)
+    assert result.image.size == (64, 64) and p["Denoising strength"] == "0.6" and p["Seed"] == "8"
+    assert not np.array_equal(np.asarray(result.image), np.asarray(source))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    painted = client.img2img(images=[source], mask_image=mask, prompt="a green square", seed=9, mask_blur=2,
+                             inpaint_full_res=False, denoising_strength=0.9, **SMALL).image
+    before, after = np.asarray(source.convert("RGB")), np.asarray(painted.convert("RGB"))
+    far = np.ones((64, 64), dtype=bool)
+    far[24 - 6:40 + 6, 24 - 6:40 + 6] = False  # the mask grown by its blur's reach
+    assert np.array_equal(before[far], after[far]) and not np.array_equal(before[~far], after[~far])
+    assert _params(painted)["Mask blur"] == "2"
+
+
+def test_progress_preview_and_interrupt(client, server):
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(
+        client.txt2img(prompt=PROMPT, seed=11, width=64, height=64, steps=150)))
+    start = time.monotonic()
+    worker.start()
+    seen = None
+    while time.monotonic() - start < 60:
+        progress = client.get_progress()
+        if progress["progress"] > 0 and progress["current_image"]:
+            seen = progress
+            break
+        time.sleep(0.05)
+    assert seen is not None, "no progress reported"
+    assert seen["state"]["job_count"] == 1 and 0 < seen["state"]["sampling_step"] <= 150
+    assert seen["eta_relative"] >= 0
+    preview = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+    assert preview.size == (64, 64)
+    client.interrupt()
+    worker.join(60)
+    assert answers and answers[0].info["interrupted"] is True
+    assert len(answers[0].images) == 1  # the current estimate, as the web UI answers an interrupted job
+    idle = client.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_samplers_schedulers_models_loras(client, server):
+    names = client.util_get_sampler_names()
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
+    assert {"automatic", "karras", "exponential", "uniform"} <= set(client.util_get_scheduler_names())
+    titles = client.util_get_model_names()
+    assert any(t.startswith("sd-shapes [") for t in titles) and any(t.startswith("shapes-copy") for t in titles)
+    assert isinstance(client.get_loras(), list)
+
+
+def test_options_switch_checkpoint(client, server):
+    assert client.util_get_current_model().startswith("sd-shapes [")
+    client.util_set_model("shapes-copy.safetensors")
+    assert client.util_get_current_model().startswith("shapes-copy.safetensors [")
+    assert _params(client.txt2img(prompt=PROMPT, seed=1, **SMALL).image)["Model"] == "shapes-copy"
+    client.set_options({"sd_model_checkpoint": "sd-shapes", "some_unknown_option": 1})
+    assert client.get_options()["sd_model_checkpoint"].startswith("sd-shapes [")
+    bad = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "no-such-model"})
+    assert bad.status_code == 422 and "not a known checkpoint" in bad.json()["message"]
+
+
+def test_png_info_round_trip(client):
+    image = client.txt2img(prompt=PROMPT, seed=21, **SMALL).image
+    info = client.png_info(image)
+    assert info.info == image.info["parameters"]
+    assert info.json["parameters"]["Seed"] == "21"
+
+
+def test_save_images_numbering_and_metadata(server):
+    folder = server.service.cfg.outdir / "txt2img-samples" / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "00000.png").write_bytes(b"not mine")  # an existing file is never overwritten
+    body = {"prompt": PROMPT, "seed": 5, "batch_size": 2, "save_images": True, "send_images": False, **SMALL}
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60).json()
+    assert answer["images"] == []
+    assert (folder / "00000.png").read_bytes() == b"not mine"
+    seeds = [parse_parameters(Image.open(folder / f"0000{i}.png").info["parameters"])["Seed"] for i in (1, 2)]
+    assert seeds == ["5", "6"] and json.loads(answer["info"])["all_seeds"] == [5, 6]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "steps": "many"}, "steps"),
+    ({"prompt": "x", "cfg_scale": 1e9}, "cfg_scale"),
+    ({"prompt": "x", "seed": -2}, "seed"),
+    ({"prompt": "x", "width": 60, "height": 64, "steps": 2}, "multiple of 8"),
+    ({"prompt": "x", "steps": 151}, "more than this server allows"),
+    ({"prompt": "x", "width": 4096, "height": 4096}, "more than this server allows"),
+    ({"prompt": "x", "sampler_name": "Eulr a", "steps": 2, "width": 64, "height": 64}, "Euler a"),
+])
+def test_bad_requests_are_422_with_a_readable_message(server, body, words):
+    before = server.service.queue.completed
+    answer = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert answer.status_code == 422
+    assert words in answer.json()["message"] and "\n" not in answer.json()["message"]
+    assert server.service.queue.completed - before <= 1  # checked at once, or failed in the worker
+
+
+def test_unknown_fields_are_ignored_and_uploads_limited(server):
+    ok = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60,
+                    json={"prompt": PROMPT, "seed": 2, "restore_faces": False, "styles": [], "anything": {"a": 1},
+                          **SMALL})
+    assert ok.status_code == 200 and json.loads(ok.json()["info"])["all_seeds"] == [2]
+    bad_image = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": ["bm90IGFuIGltYWdl"], **SMALL})
+    assert bad_image.status_code == 422 and "init_images[0]" in bad_image.json()["message"]
+    limit = server.service.cfg.limits.max_upload_bytes
+    huge = httpx.post(f"{server.url}/sdapi/v1/img2img", content=b"x" * (limit + 1),
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_page_and_static_files(server):
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code in (200, 404)  # the page is another part's file; when present it is served
+    if page.status_code == 200:
+        assert "<html" in page.text.lower()
+
+
+def test_disconnected_client_withdraws_its_queued_job(client, server):
+    import socket as sockets
+
+    queue = server.service.queue
+    long_job = threading.Thread(target=lambda: client.txt2img(prompt=PROMPT, seed=1, width=64, height=64, steps=150))
+    long_job.start()
+    while queue.current is None:
+        time.sleep(0.02)
+    body = json.dumps({"prompt": PROMPT, "seed": 3, **SMALL}).encode()
+    conn = sockets.create_connection(("127.0.0.1", server.port))
+    conn.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 10
+    while queue.pending() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert queue.pending() == 1
+    conn.close()
+    while queue.pending() == 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queue.pending() == 0 and queue.current is not None  # withdrawn while the long job still runs
+    client.interrupt()
+    long_job.join(60)
+
+
+def test_auth_401_and_nothing_queued(tmp_path):
+    running = start_server(make_config(tmp_path, auth="user:secret"))
+    try:
+        url, queue = running.url, running.service.queue
+        for auth in (None, ("user", "wrong"), ("usr", "secret"), ("user", "secret:")):
+            answer = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": PROMPT, **SMALL}, auth=auth)
+            assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(f"{url}/sdapi/v1/progress").status_code == 401
+        assert queue.completed == 0 and queue.pending() == 0 and queue.current is None
+        authed = webuiapi.WebUIApi(host="127.0.0.1", port=running.port, username="user", password="secret")
+        result = authed.txt2img(prompt=PROMPT, seed=4, sampler_name="Euler", **SMALL)
+        assert result.info["all_seeds"] == [4] and queue.completed == 1
+    finally:
+        running.stop()
