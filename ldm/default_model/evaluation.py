@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,10 +26,16 @@ class Adherence:
     total: int = 0
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRIBUTES, 0))
     by_group: dict[str, dict[str, list[int]]] = field(default_factory=lambda: defaultdict(dict))
+    misses: Counter = field(default_factory=Counter)  # "attribute: prompted -> read" of the wrong readings
 
     def add(self, picture: np.ndarray, colour: str, shape: str, background: str) -> dict[str, bool]:
         """Classify one RGB uint8 picture [H, W, 3] generated for this combination; returns the agreement."""
-        match = read_picture(picture).matches(colour, shape, background)
+        reading = read_picture(picture)
+        match = reading.matches(colour, shape, background)
+        for name, wanted, seen in (("colour", colour, reading.colour), ("shape", shape, reading.shape),
+                                   ("background", background, reading.background)):
+            if not match[name]:
+                self.misses[f"{name}: {wanted} -> {seen}"] += 1
         self.total += 1
         for k in ATTRIBUTES:
             self.hits[k] += int(match[k])
@@ -60,15 +66,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstruct(autoencoder: nn.Module, pictures: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Encode (posterior mode) + decode pictures [N, 3, H, W] in [-1, 1]; float32 on the CPU, clamped."""
+    param, out = next(autoencoder.parameters()), []
+    for start in range(0, pictures.shape[0], batch_size):
+        x = pictures[start:start + batch_size].to(param.device, param.dtype)
+        out.append(autoencoder.decode(autoencoder.encode(x).mode()).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
 def reconstruction_psnr(autoencoder: nn.Module, pictures: torch.Tensor, batch_size: int = 8) -> float:
     """Mean PSNR (dB) of encode (posterior mode) + decode over pictures [N, 3, H, W] in [-1, 1]."""
-    values = []
-    for start in range(0, pictures.shape[0], batch_size):
-        x = pictures[start:start + batch_size]
-        param = next(autoencoder.parameters())
-        recon = autoencoder.decode(autoencoder.encode(x.to(param.device, param.dtype)).mode())
-        values.append(psnr((recon.float().clamp(-1, 1) + 1) / 2, (x.to(recon.device).float() + 1) / 2).cpu())
-    return float(torch.cat(values).mean())
+    recon = reconstruct(autoencoder, pictures, batch_size)
+    return float(psnr((recon + 1) / 2, (pictures.float() + 1) / 2).mean())
 
 
 def clip_from_parts(config: Mapping[str, Any], text_state: Mapping[str, torch.Tensor],
