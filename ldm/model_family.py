@@ -15,6 +15,10 @@ SD_UNET_CHANNELS = 320  # model_channels of every SD 1.x / 2.x UNet
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 SD1_TEXT = "cond_stage_model.transformer.text_model."
 SD2_TEXT = "cond_stage_model.model.transformer.resblocks."
+SDXL_CONFIG_DIR = CONFIG_DIR.parent / "sdxl"
+SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model."  # base: CLIP ViT-L (HF layout), then OpenCLIP bigG
+SDXL_BASE_BIGG = "conditioner.embedders.1.model.transformer.resblocks."
+SDXL_REFINER_BIGG = "conditioner.embedders.0.model.transformer.resblocks."  # refiner: OpenCLIP bigG alone
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
     if unet_in is None:
         raise ValueError(f"no '{UNET_IN}' key: this is not a full Stable Diffusion checkpoint (a VAE or a LoRA "
                          f"file?). Pass a full model checkpoint, or a VAE with --vae.")
+    sdxl = _sdxl_family(sd, unet_in)
+    if sdxl is not None:
+        return sdxl
     if unet_in[1] == 9:
         return _inpainting_family(sd)
     if unet_in[0] != SD_UNET_CHANNELS and matches_default_model(sd):
@@ -68,6 +75,21 @@ def detect_family(sd: Mapping[str, Any], filename: str = "") -> Family:
                       "assumed an SD 2.x v-prediction model (768 px): eps vs v cannot be told from the weights; "
                       "for a base/eps model pass --config configs/stable-diffusion/v2-inference.yaml")
     raise ValueError("unknown text encoder layout (neither SD 1 CLIP nor SD 2 OpenCLIP keys): pass --config")
+
+
+def _sdxl_family(sd: Mapping[str, Any], unet_in: tuple[int, ...]) -> Family | None:
+    """SDXL base (CLIP-L + OpenCLIP-bigG conditioner) or refiner (bigG alone) by their text-encoder keys; None when
+    the file has no SDXL conditioner."""
+    base = any(k.startswith(SDXL_BASE_BIGG) for k in sd) and any(k.startswith(SDXL_CLIP_L) for k in sd)
+    refiner = not base and any(k.startswith(SDXL_REFINER_BIGG) for k in sd)
+    if not (base or refiner):
+        return None
+    if unet_in[1] != 4:
+        raise ValueError(f"an SDXL checkpoint whose UNet takes {unet_in[1]} input channels (inpainting?) is not "
+                         f"supported: only the SDXL base and refiner layouts")
+    if base:
+        return Family("sdxl", SDXL_CONFIG_DIR / "sd_xl_base.yaml")
+    return Family("sdxl-refiner", SDXL_CONFIG_DIR / "sd_xl_refiner.yaml")
 
 
 def _inpainting_family(sd: Mapping[str, Any]) -> Family:
@@ -96,6 +118,9 @@ def describe_mismatch_hint(sd: Mapping[str, Any], model_sd: Mapping[str, Any]) -
         return f"this looks like an inpainting checkpoint: use configs/stable-diffusion/{fam.config.name}"
     if mine is not None and mine.name.startswith(fam.name[:3]):
         return ""
+    if fam.name.startswith("sdxl"):
+        kind = "an SDXL refiner" if fam.name == "sdxl-refiner" else "an SDXL base"
+        return f"this looks like {kind} checkpoint: use configs/sdxl/{fam.config.name}"
     if fam.name == "sd1":
         return "this looks like an SD 1.x checkpoint: use configs/stable-diffusion/v1-inference.yaml"
     return ("this looks like an SD 2.x checkpoint: use configs/stable-diffusion/v2-inference-v.yaml for the "

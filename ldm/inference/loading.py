@@ -169,7 +169,11 @@ def _apply_policy(config: Any, path: Path, allow_unsafe: bool) -> None:
 
 
 def model_geometry(config: Any, path: Path) -> ModelGeometry:
-    """Latent channels, factor, native latent size and timesteps of a LatentDiffusion config."""
+    """Latent channels, factor, native latent size and timesteps of a LatentDiffusion (or SDXL) config."""
+    from ldm.inference import sdxl
+
+    if sdxl.is_sdxl_config(config):
+        return sdxl.geometry(config, path)
     params = config.model.get("params") or {}
     try:
         ddconfig = params["first_stage_config"]["params"]["ddconfig"]
@@ -230,10 +234,13 @@ def load_model(source: ModelSource, config: Any, use_ema: Optional[bool], vae: O
     return model.to(device).eval().requires_grad_(False)
 
 
-def default_watermark(geometry: ModelGeometry) -> str:
-    """The original scripts' payload: ``SDV2`` for OpenCLIP (SD 2) models, else ``StableDiffusionV1``."""
-    from ldm.modules.watermark import WATERMARK_V1, WATERMARK_V2
+def default_watermark(geometry: ModelGeometry) -> Any:
+    """The original scripts' payload: ``SDV2`` for OpenCLIP (SD 2) models, the 48 bits of sgm for SDXL, else
+    ``StableDiffusionV1``."""
+    from ldm.modules.watermark import WATERMARK_SDXL, WATERMARK_V1, WATERMARK_V2
 
+    if geometry.text_encoder == "GeneralConditioner":
+        return WATERMARK_SDXL
     return WATERMARK_V2 if geometry.text_encoder == "FrozenOpenCLIPEmbedder" else WATERMARK_V1
 
 

@@ -107,6 +107,17 @@ def respaced_sigmas(alphas_cumprod: torch.Tensor | np.ndarray, timesteps: list[i
     return append_zero(sig[torch.as_tensor(ts)])
 
 
+def legacy_ddpm_sigmas(alphas_cumprod: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:
+    """SDXL's default grid (``sgm``'s ``LegacyDDPMDiscretization``): the levels of the timesteps
+    ``linspace(T - 1, 0, n, endpoint=False).astype(int)``, descending, then 0 (all T levels for n = T)."""
+    sig = model_sigmas(alphas_cumprod)
+    total = sig.shape[0]
+    if n > total:
+        raise ValueError(f"the legacy DDPM grid has at most {total} steps, got {n}")
+    t = np.arange(total)[::-1] if n == total else np.linspace(total - 1, 0, n, endpoint=False).astype(int)
+    return append_zero(sig[torch.as_tensor(t.copy())])
+
+
 def _min_max(alphas_cumprod: torch.Tensor | np.ndarray) -> tuple[float, float]:
     sig = model_sigmas(alphas_cumprod)
     return float(sig[0]), float(sig[-1])
@@ -118,12 +129,13 @@ SCHEDULES: dict[str, Callable[[torch.Tensor | np.ndarray, int], torch.Tensor]] =
     "exponential": lambda acp, n: exponential_sigmas(n, *_min_max(acp)),
     "ddim": ddim_sigmas,
     "dpm_solver": dpm_solver_sigmas,
+    "legacy_ddpm": legacy_ddpm_sigmas,
 }
 # What users may choose with --schedule ("uniform" is the web UI's name for "normal").
 USER_SCHEDULES = ("normal", "karras", "exponential")
 SCHEDULE_ALIASES = {"uniform": "normal", "automatic": None}
 SCHEDULE_LABELS = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponential", "ddim": "DDIM",
-                   "dpm_solver": "Time uniform"}
+                   "dpm_solver": "Time uniform", "legacy_ddpm": "Legacy DDPM"}
 
 
 def make_sigmas(schedule: str, alphas_cumprod: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:

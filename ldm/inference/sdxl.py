@@ -1,0 +1,354 @@
+"""SDXL generation (Stability-AI's ``sgm`` ``DiffusionEngine``, base and refiner): the conditioning batch, guided
+sampling through :mod:`ldm.samplers`, img2img, the refiner hand-off and decoding in float32.
+
+Conventions of the original (``sgm.inference.helpers.get_batch``): ``original_size_as_tuple`` and
+``target_size_as_tuple`` are (height, width), ``crop_coords_top_left`` is (top, left), all int64 [B, 2]; the
+refiner reads ``aesthetic_score`` [B, 1] (the unconditional batch ``negative_aesthetic_score``). With an empty
+negative prompt the unconditional text embeddings are zeros (``force_uc_zero_embeddings=["txt"]``, as the
+original); a negative prompt is encoded instead (as diffusers does). The default sampling is the original's:
+the legacy DDPM grid (``legacy_ddpm`` schedule), Euler from ``randn * sqrt(1 + sigma_0^2)``, guidance with the
+unconditional half first, sigma quantised by the model's denoiser.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from ldm import samplers
+from ldm.inference.errors import UsageError
+from ldm.models.diffusion.guidance import concat_conditioning
+from ldm.samplers.noise import draw
+from ldm.samplers.run import img2img_sigmas, run_schedule
+
+logger = logging.getLogger(__name__)
+
+SDXL = "sdxl"  # the model kind (ldm.api)
+ENGINE_CLASS = "DiffusionEngine"
+DEFAULT_PIXELS = 1024  # SDXL's training size: the default output side
+DEFAULT_SAMPLER = "euler"
+DEFAULT_SCHEDULE = "legacy_ddpm"  # sgm's LegacyDDPMDiscretization
+AESTHETIC_KEY = "aesthetic_score"
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SdxlOptions:
+    """The SDXL-only settings: size/crop conditioning, the refiner's aesthetic scores and the hand-off."""
+
+    original_size: Optional[tuple[int, int]] = None  # (width, height); None: the output size
+    crop: tuple[int, int] = (0, 0)  # (top, left)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    refiner: Optional[Path] = None
+    refiner_switch: float = 0.8
+
+
+def is_sdxl_config(config: Any) -> bool:
+    """True when ``config`` builds an SDXL ``DiffusionEngine`` (``sgm.models.diffusion.DiffusionEngine``)."""
+    model = config.get("model") if isinstance(config, Mapping) or hasattr(config, "get") else None
+    target = str(model.get("target", "")) if model is not None else ""
+    return target.rsplit(".", 1)[-1] == ENGINE_CLASS
+
+
+def embedder_keys(config: Any) -> list[str]:
+    """The batch keys the config's conditioner reads (``txt``, ``original_size_as_tuple`` ...)."""
+    params = config.model.get("params") or {}
+    emb = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models") or []
+    return [str(e.get("input_key")) for e in emb if e.get("input_key") is not None]
+
+
+def is_refiner_config(config: Any) -> bool:
+    """True for a refiner config (its conditioner reads ``aesthetic_score``)."""
+    return AESTHETIC_KEY in embedder_keys(config)
+
+
+def geometry(config: Any, path: Path) -> Any:
+    """The ``ModelGeometry`` of an SDXL config (latent channels, factor, 1024 px default, 1000 timesteps)."""
+    from ldm.inference.loading import ModelGeometry
+
+    params = config.model.get("params") or {}
+    try:
+        first = params["first_stage_config"]["params"]
+        factor = 2 ** (len(first["ddconfig"]["ch_mult"]) - 1)
+        channels = int(first.get("embed_dim", first["ddconfig"]["z_channels"]))
+    except (KeyError, TypeError):
+        raise UsageError(f"config '{path}' has no first_stage_config with a ddconfig: not an SDXL model "
+                         f"config") from None
+    timesteps = int(((params.get("denoiser_config") or {}).get("params") or {}).get("num_idx", 1000))
+    return ModelGeometry(channels=channels, factor=factor, latent_size=DEFAULT_PIXELS // factor,
+                         timesteps=timesteps, text_encoder="GeneralConditioner")
+
+
+def check_role(config: Any, path: Path, mode: str, refiner: Optional[Path]) -> None:
+    """UsageError for a refiner given as the base of txt2img (it only finishes pictures)."""
+    if mode == "txt2img" and is_refiner_config(config):
+        raise UsageError(f"'{path}' is an SDXL refiner: it only finishes the pictures of a base model. Pass an "
+                         f"SDXL base checkpoint with --ckpt and this file with --refiner (or use it with img2img)")
+    if refiner is not None and is_refiner_config(config):
+        raise UsageError("--ckpt is already an SDXL refiner; --refiner needs an SDXL base checkpoint as --ckpt")
+
+
+def default_options(sampler: Optional[str], schedule: Optional[str]) -> tuple[str, Optional[str]]:
+    """(sampler, schedule) for SDXL: the original's Euler on the legacy DDPM grid when no sampler was chosen."""
+    if sampler is None:
+        return DEFAULT_SAMPLER, schedule or DEFAULT_SCHEDULE
+    return sampler, schedule
+
+
+def batches(keys: Sequence[str], prompts: Sequence[str], negative: Sequence[str], width: int, height: int,
+            opts: SdxlOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(batch, batch_uc) of the original's ``get_batch`` for the conditioner's ``keys`` and B prompts."""
+    n = len(prompts)
+    orig_w, orig_h = opts.original_size or (width, height)
+    values = {"original_size_as_tuple": (orig_h, orig_w), "crop_coords_top_left": tuple(opts.crop),
+              "target_size_as_tuple": (height, width)}
+    batch: dict[str, Any] = {}
+    batch_uc: dict[str, Any] = {}
+    for key in keys:
+        if key == "txt":
+            batch["txt"], batch_uc["txt"] = list(prompts), list(negative)
+        elif key == AESTHETIC_KEY:
+            batch[key] = torch.full((n, 1), float(opts.aesthetic_score))
+            batch_uc[key] = torch.full((n, 1), float(opts.negative_aesthetic_score))
+        elif key in values:
+            batch[key] = torch.tensor(values[key], dtype=torch.int64).repeat(n, 1)
+        else:
+            raise UsageError(f"the SDXL conditioner reads '{key}', which this generation cannot provide")
+    for key, value in batch.items():
+        if key not in batch_uc and torch.is_tensor(value):
+            batch_uc[key] = value.clone()
+    return batch, batch_uc
+
+
+def conditioning(engine: Any, prompts: Sequence[str], negative_prompt: str, width: int, height: int,
+                 opts: SdxlOptions) -> tuple[Cond, Cond]:
+    """(c, uc) {"crossattn": [B, 77, D], "vector": [B, V]} of B prompts; uc's text is zeros when the negative
+    prompt is empty (the original), else the negative prompt's embeddings."""
+    conditioner = engine.conditioner
+    keys = list(dict.fromkeys(e.input_key for e in conditioner.embedders if e.input_key is not None))
+    batch, batch_uc = batches(keys, prompts, [negative_prompt] * len(prompts), width, height, opts)
+    zero = ["txt"] if not negative_prompt else []
+    return conditioner.get_unconditional_conditioning(batch, batch_uc, force_uc_zero_embeddings=zero)
+
+
+class EngineDenoiser:
+    """``D(x, sigma, cond)`` of an SDXL engine with classifier-free guidance (one batched pass, uncond first), in
+    the shape :mod:`ldm.samplers` expects (``alphas_cumprod`` of the denoiser's own sigmas, ``bind``)."""
+
+    def __init__(self, engine: Any, uncond: Optional[Cond], scale: float) -> None:
+        self.engine, self.uncond, self.scale = engine, uncond, float(scale)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar [T] (float64) of the denoiser's sigmas: 1 / (1 + sigma^2)."""
+        sigmas = self.engine.denoiser.sigmas.detach().to("cpu", torch.float64)
+        return 1.0 / (1.0 + sigmas * sigmas)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Denoised x [B, C, h, w] at levels sigma [B]."""
+        engine = self.engine
+        s = sigma.reshape(-1).to(device=x.device, dtype=torch.float32)
+        if self.uncond is None or self.scale == 1.0:
+            return engine.denoiser(engine.model, x, s, cond).to(x.dtype)
+        out = engine.denoiser(engine.model, torch.cat([x, x]), torch.cat([s, s]),
+                              concat_conditioning(self.uncond, cond))
+        out_uc, out_c = out.to(x.dtype).chunk(2)
+        return out_uc + self.scale * (out_c - out_uc)
+
+    def bind(self, cond: Cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``D(x, sigma)`` with the conditioning fixed."""
+        return lambda x, sigma: self(x, sigma, cond)
+
+
+def schedule(engine: Any, choice: samplers.SamplerChoice, steps: int, strength: Optional[float] = None
+             ) -> torch.Tensor:
+    """The run's sigmas (descending): the chosen schedule on the engine's own levels, img2img's tail at
+    ``strength`` (None or >= 1: all of them)."""
+    sigmas = samplers.sigmas_for(choice, EngineDenoiser(engine, None, 1.0).alphas_cumprod, steps)
+    return img2img_sigmas(sigmas, strength) if strength is not None and 0 < strength < 1 else sigmas
+
+
+def vp_start(choice: samplers.SamplerChoice) -> bool:
+    """True when the start noise is scaled by sqrt(1 + sigma_0^2) (the original SDXL Euler, DDIM, PLMS ...)."""
+    return choice.spec.vp_start or choice.schedule == DEFAULT_SCHEDULE
+
+
+def split(sigmas: torch.Tensor, switch: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base part, refiner part) of a schedule: the base runs the first ``round(switch * n)`` of its n steps (at
+    least one, at most n - 1); the refiner continues from the last level of the base part."""
+    n = len(sigmas) - 1
+    if n < 2:
+        raise UsageError(f"--refiner needs at least 2 sampling steps to share (this run has {n}): raise --steps")
+    k = min(max(int(round(switch * n)), 1), n - 1)
+    return sigmas[:k + 1], sigmas[k:]
+
+
+def finish(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Latents from the sampler's result at ``sigmas[-1]`` (the DDIM grids end at sigma_0, not 0)."""
+    last = float(sigmas[-1])
+    return x / math.sqrt(1.0 + last * last) if last > 0 else x
+
+
+def encode(engine: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [1, C, h, w] float32 of the autoencoder posterior of an image [1, 3, H, W] in [-1, 1]."""
+    vae = engine.first_stage_model
+    dtype = next(vae.parameters()).dtype
+    with torch.autocast(image.device.type, enabled=False):
+        posterior = vae.encode(image.to(dtype))
+    return posterior.mean.float(), posterior.std.float()
+
+
+def start(posterior: Optional[tuple[torch.Tensor, torch.Tensor]], scale_factor: float, sigmas: torch.Tensor,
+          gens: Sequence[torch.Generator], shape: Sequence[int], device: Any, vp: bool,
+          img2img: bool) -> torch.Tensor:
+    """x at ``sigmas[0]``: each image's first draw is its noise; img2img's second its posterior sample."""
+    noise = draw(gens, shape, device)
+    s0 = float(sigmas[0])
+    if not img2img:
+        return noise * (math.sqrt(1.0 + s0 * s0) if vp else s0)
+    mean, std = posterior
+    z0 = scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
+    return z0 + noise * s0
+
+
+def free(engine: Any) -> None:
+    """Release a model's memory (weights on the CPU, caches emptied)."""
+    engine.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def decode(engine: Any, latents: torch.Tensor, reduced: bool, vae_given: bool) -> torch.Tensor:
+    """Images [B, 3, H, W] float32 in [0, 1]. The SDXL VAE overflows in float16: it decodes in float32 unless a
+    ``--vae`` (e.g. the fp16-fixed one) is given, and a half-precision NaN result is redone in float32."""
+    vae = engine.first_stage_model
+    half = next(vae.parameters()).dtype != torch.float32
+    if half and not vae_given:
+        vae.float()
+    x = engine.decode_first_stage(latents.to(next(vae.parameters()).dtype))
+    if not torch.isfinite(x).all() and (half or reduced):
+        logger.warning("decoding in half precision gave NaN/inf values; decoding again in float32")
+        vae.float()
+        with torch.autocast(latents.device.type, enabled=False):
+            x = engine.decode_first_stage(latents.float())
+    from ldm.inference.limits import check_finite
+
+    check_finite(x, "the decoded images", reduced=False)
+    return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
+
+
+def check_refiner(path: Path, allow_unsafe: bool = False) -> tuple[Any, Any]:
+    """(source, config) of ``--refiner`` (a file's keys or its sidecar yaml); UsageError unless it is an SDXL
+    refiner. Reads no weights."""
+    from ldm.inference import loading
+
+    source = loading.resolve_source(path, None)
+    config = loading.read_config(source.config_path, allow_unsafe=allow_unsafe)
+    if not (is_sdxl_config(config) and is_refiner_config(config)):
+        kind = "an SDXL base model" if is_sdxl_config(config) else "not an SDXL model"
+        raise UsageError(f"--refiner '{path}' is {kind}; --refiner takes an SDXL refiner checkpoint "
+                         f"(e.g. sd_xl_refiner_1.0.safetensors)")
+    return source, config
+
+
+@dataclass(frozen=True)
+class SdxlSettings:
+    """What an SDXL request samples: mode, prompts' shared settings and the SDXL options."""
+
+    mode: str  # txt2img or img2img
+    negative_prompt: str
+    steps: int
+    sampler: samplers.SamplerChoice
+    scale: float
+    width: int
+    height: int
+    eta: Optional[float] = None
+    strength: float = 1.0
+    options: SdxlOptions = SdxlOptions()
+
+
+class SdxlSession:
+    """One SDXL request on a loaded base engine: encoded init image, sampling per job and the refiner hand-off.
+
+    The refiner is loaded at the first hand-off and released by :meth:`close`; on an accelerator the model that
+    is not sampling waits on the CPU, so only one of the two occupies the device at a time.
+    """
+
+    def __init__(self, engine: Any, s: SdxlSettings, device: str, channels: int, factor: int,
+                 init_image: Optional[torch.Tensor] = None, vae: Optional[Path] = None,
+                 load_refiner: Optional[Callable[[], Any]] = None) -> None:
+        self.base, self.s, self.device, self.vae = engine, s, device, vae
+        self.shape = (channels, s.height // factor, s.width // factor)
+        self.load_refiner, self.refiner, self.active = load_refiner, None, engine
+        self.posterior = encode(engine, init_image) if s.mode == "img2img" and init_image is not None else None
+        strength = s.strength if s.mode == "img2img" else None
+        self.sigmas = schedule(engine, s.sampler, s.steps, strength)
+        self.parts = split(self.sigmas, s.options.refiner_switch) if load_refiner else (self.sigmas,)
+        self.steps_per_image = len(self.sigmas) - 1 if not (s.mode == "img2img" and s.strength <= 0) else 0
+
+    def _use(self, engine: Any) -> Any:
+        """Make ``engine`` the one on the device (the other one waits on the CPU)."""
+        if engine is not self.active and torch.device(self.device).type != "cpu":
+            free(self.active)
+            engine.to(self.device)
+        self.active = engine
+        return engine
+
+    def _refiner(self) -> Any:
+        if self.refiner is None:
+            if torch.device(self.device).type != "cpu":
+                free(self.base)
+            self.refiner = self.load_refiner()
+            self.active = self.refiner
+        return self._use(self.refiner)
+
+    def _run(self, engine: Any, prompts: Sequence[str], x: torch.Tensor, sigmas: torch.Tensor,
+             gens: Sequence[torch.Generator], callback: Any) -> torch.Tensor:
+        s = self.s
+        c, uc = conditioning(engine, prompts, s.negative_prompt, s.width, s.height, s.options)
+        guided = EngineDenoiser(engine, uc, s.scale)
+        return run_schedule(s.sampler, guided.bind(c), x, sigmas, s.eta, list(gens), callback)
+
+    @torch.no_grad()
+    def latents(self, prompts: Sequence[str], gens: Sequence[torch.Generator], callback: Any = None
+                ) -> torch.Tensor:
+        """Sampled latents [B, C, h, w] of B prompts, one generator per image (first draw: its noise)."""
+        s = self.s
+        img2img = s.mode == "img2img" and s.strength < 1
+        if s.mode == "img2img" and s.strength <= 0:
+            return self.base.scale_factor * self.posterior[0].expand(len(prompts), *self.shape)
+        x = start(self.posterior, self.base.scale_factor, self.sigmas, gens, self.shape, self.device,
+                  vp_start(s.sampler) and not img2img, img2img)
+        x = self._run(self._use(self.base), prompts, x, self.parts[0], gens, self._counted(callback, 0))
+        if len(self.parts) > 1:
+            done = len(self.parts[0]) - 1
+            x = self._run(self._refiner(), prompts, x, self.parts[1], gens, self._counted(callback, done))
+        return finish(x, self.sigmas)
+
+    def _counted(self, callback: Any, offset: int) -> Any:
+        """``callback`` with the steps of a part counted among all steps of the image."""
+        if callback is None or len(self.parts) == 1:
+            return callback
+        return lambda info: callback(dataclasses.replace(info, i=info.i + offset, total=self.steps_per_image))
+
+    def images(self, latents: torch.Tensor, reduced: bool) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] decoded by the model now on the device."""
+        return decode(self.active, latents, reduced, self.vae is not None)
+
+    def close(self) -> None:
+        """Release the refiner; the base engine goes back to the device."""
+        if self.refiner is not None:
+            free(self.refiner)
+            self.refiner = None
+            if torch.device(self.device).type != "cpu":
+                self.base.to(self.device)
+            self.active = self.base

@@ -1,0 +1,332 @@
+"""SDXL generation: conditioning batches, the original's sampling through ldm.samplers, every registry sampler,
+img2img, the refiner hand-off, float32 decoding, key detection, the watermark and the scripts' path on tiny
+random-weight SDXL checkpoints in the original key layout (built here, in the original config format)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm import samplers
+from ldm.inference import sdxl
+from ldm.inference.errors import UsageError
+from ldm.samplers.run import run_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("SDXL_REFERENCE_DIR", ROOT.parent / "shared" / "reference" / "sdxl"))
+LAYOUTS = ROOT.parent / "shared" / "reference" / "layouts"
+
+OUTDIM = 64  # ConcatTimestepEmbedderND width of the tiny configs (SDXL: 256)
+WIDTH = 16  # both text encoders' width (and bigG's pooled embedding)
+HF_TEXT = {"hidden_size": WIDTH, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+           "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+           "model_type": "clip_text_model"}
+OPEN_CLIP = {"embed_dim": WIDTH, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                                "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": WIDTH, "heads": 2, "layers": 3}}
+
+
+def _size_embedder(key: str) -> dict:
+    return {"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+            "params": {"outdim": OUTDIM}}
+
+
+def _bigg(index_note: str = "") -> dict:
+    return {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+            "params": {"arch": "SDXL-Tiny-Test", "arch_config": OPEN_CLIP, "version": None, "freeze": True,
+                       "layer": "penultimate", "always_return_pooled": True, "legacy": False}}
+
+
+def tiny_sdxl_config(text_dir: Path, refiner: bool = False) -> dict:
+    """A tiny SDXL base (or refiner) config in the original (sgm) format: 32 px images, 16 x 16 latents."""
+    if refiner:
+        emb = [_bigg(), _size_embedder("original_size_as_tuple"), _size_embedder("crop_coords_top_left"),
+               _size_embedder("aesthetic_score")]
+        context, adm = WIDTH, WIDTH + 5 * OUTDIM
+    else:
+        clip_l = {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                  "params": {"version": str(text_dir), "layer": "hidden", "layer_idx": 2}}
+        emb = [clip_l, _bigg(), _size_embedder("original_size_as_tuple"), _size_embedder("crop_coords_top_left"),
+               _size_embedder("target_size_as_tuple")]
+        context, adm = 2 * WIDTH, WIDTH + 6 * OUTDIM
+    unet = {"adm_in_channels": adm, "num_classes": "sequential", "use_checkpoint": False, "in_channels": 4,
+            "out_channels": 4, "model_channels": 32, "attention_resolutions": [2], "num_res_blocks": 1,
+            "channel_mult": [1, 2], "num_head_channels": 16, "use_linear_in_transformer": True,
+            "transformer_depth": [1, 2 if refiner else 1], "context_dim": context,
+            "spatial_transformer_attn_type": "softmax-xformers"}
+    vae = {"embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
+           "ddconfig": {"attn_type": "vanilla-xformers", "double_z": True, "z_channels": 4, "resolution": 32,
+                        "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                        "attn_resolutions": [], "dropout": 0.0}}
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+            "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": emb}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKL", "params": vae}}}}
+
+
+def write_tiny_sdxl(folder: Path, name: str, refiner: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """``<name>.yaml`` and ``<name>.safetensors`` (seeded random weights, every zero-initialised weight refilled)."""
+    from ldm.checkpoint import save_safetensors
+    from ldm.util import instantiate_from_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text_dir = folder / "tiny-sdxl-clip-l"
+    text_dir.mkdir(exist_ok=True)
+    (text_dir / "config.json").write_text(json.dumps(HF_TEXT), encoding="utf-8")
+    config = OmegaConf.create(tiny_sdxl_config(text_dir, refiner))
+    config_path = folder / f"{name}.yaml"
+    OmegaConf.save(config, config_path)
+    torch.manual_seed(seed)
+    engine = instantiate_from_config(config.model)
+    with torch.no_grad():
+        for param in engine.model.parameters():
+            if not param.abs().sum():
+                param.normal_(0.0, 0.05)
+    ckpt_path = folder / f"{name}.safetensors"
+    save_safetensors(engine.state_dict(), ckpt_path)
+    return config_path, ckpt_path
+
+
+def build(config_path: Path, ckpt_path: Path) -> torch.nn.Module:
+    """The engine of a tiny file, loaded strictly through the scripts' loader."""
+    from ldm.inference import loading
+
+    source = loading.resolve_source(ckpt_path, config_path)
+    config = loading.read_config(config_path)
+    return loading.load_model(source, config, None, None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("sdxl")
+    base = write_tiny_sdxl(folder, "tiny-sdxl-base")
+    refiner = write_tiny_sdxl(folder, "tiny-sdxl-refiner", refiner=True, seed=1)
+    return {"base": base, "refiner": refiner, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def base_engine(tiny) -> torch.nn.Module:
+    return build(*tiny["base"])
+
+
+def _settings(mode: str = "txt2img", steps: int = 4, sampler: str | None = None, **kw) -> sdxl.SdxlSettings:
+    name, schedule = sdxl.default_options(sampler, None)
+    defaults = dict(negative_prompt="", steps=steps, sampler=samplers.resolve(name, schedule), scale=5.0,
+                    width=32, height=32)
+    defaults.update(kw)
+    return sdxl.SdxlSettings(mode, **defaults)
+
+
+def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + k) for k in range(n)]
+
+
+# --- the original's conventions --------------------------------------------------------------------------------
+
+def test_batches_follow_the_original_get_batch():
+    opts = sdxl.SdxlOptions(original_size=(640, 480), crop=(3, 5), aesthetic_score=7.0, negative_aesthetic_score=1.5)
+    keys = ["txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple", "aesthetic_score"]
+    batch, uc = sdxl.batches(keys, ["a", "b"], ["n", "n"], width=96, height=64, opts=opts)
+    assert batch["txt"] == ["a", "b"] and uc["txt"] == ["n", "n"]
+    assert batch["original_size_as_tuple"].tolist() == [[480, 640]] * 2  # (height, width)
+    assert batch["crop_coords_top_left"].tolist() == [[3, 5]] * 2
+    assert batch["target_size_as_tuple"].tolist() == [[64, 96]] * 2
+    assert batch["original_size_as_tuple"].dtype == torch.int64
+    assert batch["aesthetic_score"].tolist() == [[7.0]] * 2 and uc["aesthetic_score"].tolist() == [[1.5]] * 2
+    assert torch.equal(uc["target_size_as_tuple"], batch["target_size_as_tuple"])
+    plain, _ = sdxl.batches(keys[:4], ["a"], [""], width=96, height=64, opts=sdxl.SdxlOptions())
+    assert plain["original_size_as_tuple"].tolist() == [[64, 96]] and plain["crop_coords_top_left"].tolist() == [[0, 0]]
+
+
+def test_refiner_hand_off_splits_the_schedule():
+    sigmas = torch.linspace(10, 0, 11)
+    first, second = sdxl.split(sigmas, 0.8)
+    assert len(first) - 1 == 8 and len(second) - 1 == 2 and first[-1] == second[0]
+    assert len(sdxl.split(sigmas, 0.01)[0]) == 2 and len(sdxl.split(sigmas, 0.99)[1]) == 2
+    with pytest.raises(UsageError, match="at least 2 sampling steps"):
+        sdxl.split(sigmas[-2:], 0.5)
+
+
+def _reference_engine():
+    import open_clip
+
+    from ldm.util import instantiate_from_config
+    from safetensors.torch import load_file
+
+    open_clip.add_model_config(str(REFERENCE / "SDXL-Tiny-OpenCLIP-16A.json"))
+    config = OmegaConf.load(REFERENCE / "sdxl_tiny.yaml")
+    config.model.params.conditioner_config.params.emb_models[0].params.version = str(REFERENCE / "hf_clip_text_sdxl")
+    engine = instantiate_from_config(config.model)
+    engine.load_state_dict(load_file(str(REFERENCE / "sdxl_tiny.weights.safetensors")))
+    return engine.eval()
+
+
+@pytest.mark.skipif(not (REFERENCE / "sampling.io.safetensors").is_file(), reason="no SDXL reference folder")
+def test_default_sampling_reproduces_the_reference_case():
+    """The original's LegacyDDPM grid + Euler + CFG (uncond first) through ldm.samplers, and the conditioning
+    batch of the generation path, against the numbers of the original code."""
+    from safetensors.torch import load_file
+
+    cases = {c["name"]: c for c in json.loads((REFERENCE / "cases.json").read_text())}
+    case, io = cases["sampling"], load_file(str(REFERENCE / "sampling.io.safetensors"))
+    engine = _reference_engine()
+    c = {"crossattn": io["c_crossattn"], "vector": io["c_vector"]}
+    uc = {"crossattn": io["uc_crossattn"], "vector": io["uc_vector"]}
+    args = case["args"]
+    choice = samplers.resolve(*sdxl.default_options(None, None))
+    sigmas = sdxl.schedule(engine, choice, args["num_steps"])
+    tol = case.get("tolerances", {})
+
+    def close(name, got):
+        t = tol.get(name, {})
+        assert torch.allclose(got.float(), io[name], atol=t.get("atol", case["atol"]), rtol=t.get("rtol", case["rtol"]))
+    close("sampler_sigmas", sigmas)
+    assert sdxl.vp_start(choice)
+    x = io["randn"] * float((1 + sigmas[0] ** 2) ** 0.5)
+    with torch.no_grad():
+        z = sdxl.finish(run_schedule(choice, sdxl.EngineDenoiser(engine, uc, args["cfg_scale"]).bind(c), x,
+                                              sigmas), sigmas)
+        close("samples_z", z)
+        close("images", sdxl.decode(engine, z, reduced=False, vae_given=False))
+    cond_case = cases["conditioner"]
+    cio = load_file(str(REFERENCE / cond_case["io"]))
+    for i, prompt in enumerate(cond_case["prompts"]):  # one row at a time: each has its own sizes
+        h, w = cio["target_size_as_tuple"][i].tolist()
+        oh, ow = cio["original_size_as_tuple"][i].tolist()
+        opts = sdxl.SdxlOptions(original_size=(ow, oh), crop=tuple(cio["crop_coords_top_left"][i].tolist()))
+        with torch.no_grad():  # empty negative prompt: zeroed text, as the original (the case's negatives are unused)
+            c2, uc2 = sdxl.conditioning(engine, [prompt], "", w, h, opts)
+        for name, got in (("c_crossattn", c2["crossattn"]), ("c_vector", c2["vector"]),
+                          ("uc_crossattn", uc2["crossattn"]), ("uc_vector", uc2["vector"])):
+            t = cond_case.get("tolerances", {}).get(name, {})
+            assert torch.allclose(got[0], cio[name][i], atol=t.get("atol", cond_case["atol"]),
+                                  rtol=t.get("rtol", cond_case["rtol"])), name
+
+
+# --- sampling on tiny random-weight checkpoints ----------------------------------------------------------------
+
+def test_txt2img_latents_depend_on_each_seed_only(base_engine):
+    session = sdxl.SdxlSession(base_engine, _settings(), "cpu", channels=4, factor=2)
+    assert session.steps_per_image == 4
+    two = session.latents(["a cat", "a cat"], _gens(2, seed=7))
+    one = session.latents(["a cat"], _gens(1, seed=8))
+    assert two.shape == (2, 4, 16, 16) and torch.isfinite(two).all()
+    assert torch.allclose(two[1:], one, rtol=1e-4, atol=1e-3) and not torch.allclose(two[0], two[1])
+    images = session.images(two, reduced=False)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("name", [s.name for s in samplers.SAMPLERS])
+def test_every_registry_sampler_runs(base_engine, name):
+    session = sdxl.SdxlSession(base_engine, _settings(steps=3, sampler=name), "cpu", channels=4, factor=2)
+    z = session.latents(["a red circle"], _gens(1))
+    assert z.shape == (1, 4, 16, 16) and torch.isfinite(z).all() and z.abs().max() > 0
+
+
+def test_negative_prompt_is_encoded_and_empty_one_zeroed(base_engine):
+    with torch.no_grad():
+        _, zeroed = sdxl.conditioning(base_engine, ["a cat"], "", 32, 32, sdxl.SdxlOptions())
+        _, negative = sdxl.conditioning(base_engine, ["a cat"], "blurry", 32, 32, sdxl.SdxlOptions())
+    assert not zeroed["crossattn"].abs().sum() and negative["crossattn"].abs().sum() > 0
+    assert torch.equal(zeroed["vector"][:, WIDTH:], negative["vector"][:, WIDTH:])  # sizes kept
+
+
+def test_img2img_strength_zero_keeps_the_latents_and_one_is_txt2img(base_engine):
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    keep = sdxl.SdxlSession(base_engine, _settings("img2img", strength=0.0), "cpu", 4, 2, init_image=image)
+    mean, _ = keep.posterior
+    assert keep.steps_per_image == 0
+    assert torch.allclose(keep.latents(["x"], _gens(1)), base_engine.scale_factor * mean)
+    half = sdxl.SdxlSession(base_engine, _settings("img2img", steps=4, strength=0.5), "cpu", 4, 2, init_image=image)
+    assert half.steps_per_image == 3  # the web UI's convention: int(0.5 * 4) + 1 levels
+    z = half.latents(["x"], _gens(1))
+    assert torch.isfinite(z).all()
+    full = sdxl.SdxlSession(base_engine, _settings("img2img", strength=1.0), "cpu", 4, 2, init_image=image)
+    txt = sdxl.SdxlSession(base_engine, _settings(), "cpu", 4, 2)
+    assert torch.allclose(full.latents(["x"], _gens(1)), txt.latents(["x"], _gens(1)), atol=1e-5)
+
+
+class _Recorder:
+    """Counts the denoiser calls of an engine and remembers the first input it saw."""
+
+    def __init__(self, engine):
+        self.calls, self.first = 0, None
+        self.inner = engine.denoiser.forward
+
+        def forward(network, x, sigma, cond, **kw):
+            self.calls += 1
+            self.first = x.clone() if self.first is None else self.first
+            return self.inner(network, x, sigma, cond, **kw)
+        engine.denoiser.forward = forward
+
+
+def test_refiner_continues_from_the_base_latents(tiny, base_engine):
+    refiner = build(*tiny["refiner"])
+    base_calls, refiner_calls = _Recorder(base_engine), _Recorder(refiner)
+    loaded = []
+
+    def load():
+        loaded.append(True)
+        return refiner
+    s = _settings(steps=10, options=sdxl.SdxlOptions(refiner_switch=0.8))
+    session = sdxl.SdxlSession(base_engine, s, "cpu", 4, 2, load_refiner=load)
+    seen = []
+    z = session.latents(["a cat"], _gens(1), callback=lambda info: seen.append((info.i, info.total)))
+    base_engine.denoiser.forward = base_calls.inner
+    refiner.denoiser.forward = refiner_calls.inner
+    assert (base_calls.calls, refiner_calls.calls, len(loaded)) == (8, 2, 1)
+    assert seen == [(i, 10) for i in range(10)]
+    c, uc = sdxl.conditioning(base_engine, ["a cat"], "", 32, 32, s.options)
+    sigmas = sdxl.schedule(base_engine, s.sampler, 10)
+    x = sdxl.start(None, base_engine.scale_factor, sigmas, _gens(1), (4, 16, 16), "cpu", vp=True, img2img=False)
+    with torch.no_grad():  # the base alone down to the switch level: where the refiner starts
+        handed = run_schedule(s.sampler, sdxl.EngineDenoiser(base_engine, uc, 5.0).bind(c), x, sigmas[:9])
+    assert torch.allclose(refiner_calls.first[:1], handed, atol=1e-5)
+    assert torch.isfinite(z).all() and refiner_calls.first.shape == (2, 4, 16, 16)  # guided: [uc; c]
+    session.close()
+    assert session.active is base_engine and session.refiner is None
+
+
+# --- detection by keys, wrong files -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (LAYOUTS / "sdxl_base_keys.json").is_file(), reason="no SDXL layout files")
+@pytest.mark.parametrize("layout,family", [("sdxl_base_keys.json", "sdxl"), ("sdxl_refiner_keys.json", "sdxl-refiner")])
+def test_full_size_layouts_are_detected(layout, family):
+    from ldm.model_family import describe_mismatch_hint, detect_family
+
+    sd = {k: torch.empty(v[0], device="meta") for k, v in json.loads((LAYOUTS / layout).read_text()).items()}
+    found = detect_family(sd, "sd_xl_whatever.safetensors")
+    assert found.name == family and found.config.parent.name == "sdxl"
+    hint = describe_mismatch_hint(sd, {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3),
+                                       "cond_stage_model.transformer.text_model.x": torch.empty(1)})
+    assert f"configs/sdxl/{found.config.name}" in hint
+
+
+def test_tiny_files_are_detected_by_their_keys(tiny):
+    from ldm.inference.loading import _keys_and_shapes
+    from ldm.model_family import detect_family
+
+    assert detect_family(_keys_and_shapes(tiny["base"][1])[0]).name == "sdxl"
+    assert detect_family(_keys_and_shapes(tiny["refiner"][1])[0]).name == "sdxl-refiner"
+
+
+def test_watermark_is_the_original_48_bits():
+    from ldm.modules.watermark import WATERMARK_SDXL, put_watermark, read_watermark_bits
+
+    assert len(WATERMARK_SDXL) == 48
+    assert int("".join(map(str, WATERMARK_SDXL)), 2) == 0b101100111110110010010000011110111011000110011110
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (320, 384, 3), dtype=np.uint8))
+    marked = put_watermark(image, WATERMARK_SDXL)
+    assert read_watermark_bits(marked, 48) == WATERMARK_SDXL
+    assert np.abs(np.asarray(marked).astype(int) - np.asarray(image).astype(int)).max() > 0
