@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
-import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -27,51 +24,21 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run")
 PROMPT = "a red circle on a blue background"
-SIZE = 256
+SIZE = 128  # small: the 2-core CI machine runs every generation of this module in well under a minute
 
-# The socket functions as they were before conftest's network guard replaced them (this module is imported first).
-_REAL_SOCKET = (socket.socket.connect, socket.create_connection, socket.getaddrinfo)
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+for _module in ("fastapi", "uvicorn"):
+    pytest.importorskip(_module, reason="the server needs its extra: pip install -e '.[server]'")
+from server_fixture import _no_network, make_config, start_server  # noqa: E402,F401  (_no_network: loopback allowed)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def _loopback_only(_no_network, monkeypatch):
-    """conftest blocks every connection; Selenium talks to chromedriver and the test to the server on 127.0.0.1,
-    so loopback is let through and anything else still fails."""
-    connect, create_connection, getaddrinfo = _REAL_SOCKET
-
-    def check(host: Any) -> None:
-        if host not in _LOOPBACK:
-            raise RuntimeError(f"network access to {host!r} attempted during a test (only loopback is allowed)")
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            check(address[0])
-        return connect(sock, address)
-
-    def guarded_create_connection(address, *args, **kwargs):
-        check(address[0])
-        return create_connection(address, *args, **kwargs)
-
-    def guarded_getaddrinfo(host, *args, **kwargs):
-        check(host)
-        return getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
-
-
 @pytest.fixture(scope="module")
-def server() -> str:
-    """Base URL of the real server with the shipped default model."""
-    import os
-    url = os.environ.get("LDM_PAGE_TEST_SERVER")
-    if not url:
-        pytest.skip("server fixture not written yet")
-    return url.rstrip("/")
+def server(tmp_path_factory):
+    """The real server on the shipped default model, with a live preview at most every 0.2 s."""
+    running = start_server(make_config(tmp_path_factory.mktemp("page-server"), preview_interval=0.2))
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +138,8 @@ class Page:
 @pytest.fixture
 def page(browser, server) -> Page:
     """The page freshly opened (an empty gallery), its choices loaded, its POST bodies recorded."""
-    browser.get(server + "/")
-    p = Page(browser, server)
+    browser.get(server.url + "/")
+    p = Page(browser, server.url)
     deadline = time.time() + 30
     while not p.js("return document.querySelectorAll('#sampler_name option').length"):
         assert time.time() < deadline, "the sampler list never loaded"
@@ -203,7 +170,7 @@ def card_text(card) -> str:
     return card.find_element("css selector", ".infotext").text
 
 
-def small_run(page: Page, seed: int, steps: int = 12, **extra: Any) -> None:
+def small_run(page: Page, seed: int, steps: int = 8, **extra: Any) -> None:
     page.fill(prompt=PROMPT, steps=steps, seed=seed, width=SIZE, height=SIZE, **extra)
 
 
@@ -237,7 +204,7 @@ def test_page_choices_labels_and_narrow_layout(page):
 
 
 def test_txt2img_shows_progress_preview_and_gallery(page):
-    small_run(page, seed=1234, steps=40, batch_size=2)
+    small_run(page, seed=1234, steps=16, batch_size=2)
     seen: list[tuple[float, int]] = []  # (progress bar value, length of the preview's src while it is shown)
     watch = lambda: seen.append(tuple(page.js(  # noqa: E731
         "const p = document.getElementById('preview');"
@@ -254,7 +221,7 @@ def test_txt2img_shows_progress_preview_and_gallery(page):
     (sent,) = page.requests()
     assert sent["_path"] == "/sdapi/v1/txt2img"
     assert {k: sent[k] for k in ("prompt", "steps", "seed", "width", "height", "batch_size", "n_iter")} == dict(
-        prompt=PROMPT, steps=40, seed=1234, width=SIZE, height=SIZE, batch_size=2, n_iter=1)
+        prompt=PROMPT, steps=16, seed=1234, width=SIZE, height=SIZE, batch_size=2, n_iter=1)
     assert sent["sampler_name"] == page.el("sampler_name").get_attribute("value")
     answer = page.replay(sent)
     info = json.loads(answer["info"])
@@ -263,7 +230,7 @@ def test_txt2img_shows_progress_preview_and_gallery(page):
     assert len(cards) == 2 and page.el("gallery-count").text == "2"
     for card, image, text, seed in zip(reversed(cards), answer["images"], info["infotexts"], (1234, 1235)):
         assert card_text(card) == text  # newest first: the first image of the batch is the last card
-        assert text.startswith(PROMPT) and f"Seed: {seed}," in text and "Steps: 40," in text
+        assert text.startswith(PROMPT) and f"Seed: {seed}," in text and "Steps: 16," in text
         assert f"Size: {SIZE}x{SIZE}" in text
         np.testing.assert_array_equal(card_image(card), pixels(image))
     assert card_image(cards[0]).shape == (SIZE, SIZE, 3)
@@ -371,22 +338,25 @@ def test_paint_a_mask_and_inpaint(page):
     card.find_element("css selector", ".send-img2img").click()
     assert not page.el("brush-size").is_displayed()  # mask tools appear with inpaint
     page.el("inpaint").click()
-    brush = 40
+    brush = 24  # canvas (= init image) pixels
     page.slide("brush-size", brush)
 
     canvas = page.el("mask-canvas")
-    shown = canvas.size["width"]
-    scale = SIZE / shown  # canvas pixels per CSS pixel
-    ActionChains(page.d).move_to_element_with_offset(canvas, -50, 0).click_and_hold() \
-        .move_by_offset(50, 0).move_by_offset(50, 0).release().perform()
+    scale = SIZE / canvas.size["width"]  # image pixels per CSS pixel: the image is shown at the panel's width
+    assert abs(scale - SIZE / page.el("init-image").size["width"]) < 1e-6 and scale < 0.6
+    half = 30  # the stroke: 60 image pixels through the centre, drawn in two moves
+    ActionChains(page.d).move_to_element_with_offset(canvas, round(-half / scale), 0).click_and_hold() \
+        .move_by_offset(round(half / scale), 0).move_by_offset(round(half / scale), 0).release().perform()
     mask = pixels(page.js("return window.ldmPage.maskBase64()"))[..., 0]
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
     centre = SIZE / 2
-    expected = _capsule(mask.shape, (centre - 50 * scale, centre), (centre + 50 * scale, centre), brush / 2)
-    inner = _capsule(mask.shape, (centre - 50 * scale, centre), (centre + 50 * scale, centre), brush / 2 - 2)
-    outer = _capsule(mask.shape, (centre - 50 * scale, centre), (centre + 50 * scale, centre), brush / 2 + 2)
+
+    def stroke(radius: float) -> np.ndarray:
+        return _capsule(mask.shape, (centre - half, centre), (centre + half, centre), radius)
+
+    inner, outer = stroke(brush / 2 - 2), stroke(brush / 2 + 2)
     assert (mask[inner] == 255).all() and (mask[~outer] == 0).all()  # white exactly where painted
-    assert abs((mask == 255).sum() - expected.sum()) < 0.1 * expected.sum()
+    assert abs((mask == 255).sum() - stroke(brush / 2).sum()) < 0.1 * stroke(brush / 2).sum()
 
     page.fill(prompt="a yellow square on a purple background")
     page.slide("denoising_strength", 1)
@@ -398,7 +368,7 @@ def test_paint_a_mask_and_inpaint(page):
     result = card_image(page.cards()[0])
     np.testing.assert_array_equal(result, pixels(answer["images"][0]))
     change = np.abs(result.astype(int) - original).max(axis=2)
-    far = ~_capsule(mask.shape, (centre - 50 * scale, centre), (centre + 50 * scale, centre), brush / 2 + 16)
+    far = ~stroke(brush / 2 + 16)  # beyond the mask's blur
     far_change, inner_change = int(change[far].max()), float(change[inner].mean())
     assert far_change <= 2, f"pixels far from the mask changed by up to {far_change}"
     assert inner_change > 20, f"the masked area was hardly repainted (mean change {inner_change:.1f})"

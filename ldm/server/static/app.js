@@ -5,7 +5,7 @@
 (() => {
   const API = "/sdapi/v1";
   const POLL_MS = 250;
-  const PREVIEW_EVERY = 4;   // the preview image on every 4th poll only (from the 2nd): decoding it costs the server
+  const PREVIEW_EVERY = 4;   // the preview image (large) on every 4th poll only, from the 2nd
   const MASK_COLOUR = "#ff2d6f";
   const PNG_PREFIX = "data:image/png;base64,";
 
@@ -41,17 +41,17 @@
     return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
   }
 
-  // A readable sentence from an error response: FastAPI's `detail` (a string or a list of validation errors),
-  // or the web UI's {error, detail, errors} shape.
+  // A readable sentence from an error response: `detail` when it is a sentence, else the server's one-line
+  // `message`, else FastAPI's list of validation errors, else the web UI's {error, errors}.
   function describeError(response, body) {
     const status = `${response.status} ${response.statusText}`.trim();
     if (body && typeof body === "object") {
-      for (const key of ["detail", "errors", "error", "message"]) {
+      if (typeof body.detail === "string" && body.detail) return body.detail;
+      if (typeof body.message === "string" && body.message) return body.message;
+      if (Array.isArray(body.detail)) return body.detail.map(validationLine).join("\n");
+      for (const key of ["errors", "error"]) {
         const value = body[key];
-        if (value === undefined || value === null || value === "") continue;
-        if (typeof value === "string") return value;
-        if (Array.isArray(value)) return value.map(validationLine).join("\n");
-        return JSON.stringify(value);
+        if (value) return typeof value === "string" ? value : JSON.stringify(value);
       }
     }
     if (typeof body === "string" && body.trim()) return `${status}: ${body.trim().slice(0, 400)}`;
