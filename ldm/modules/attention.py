@@ -227,6 +227,8 @@ class SpatialTransformer(nn.Module):
                  context_dim: int | Sequence[int] | None = None, disable_self_attn: bool = False,
                  use_linear: bool = False, use_checkpoint: bool = True) -> None:
         super().__init__()
+        if isinstance(context_dim, (list, tuple)) and len(set(context_dim)) == 1:
+            context_dim = context_dim[0]  # a list of equal widths fits any depth (as in sgm)
         context_dims = _per_block(context_dim, depth, "context_dim")
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
