@@ -330,3 +330,41 @@ def test_watermark_is_the_original_48_bits():
     marked = put_watermark(image, WATERMARK_SDXL)
     assert read_watermark_bits(marked, 48) == WATERMARK_SDXL
     assert np.abs(np.asarray(marked).astype(int) - np.asarray(image).astype(int)).max() > 0
+
+
+# --- LoRA and embeddings ----------------------------------------------------------------------------------------
+
+def test_kohya_sdxl_lora_merges_into_both_text_encoders_and_the_unet(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.modules.lora import LoraSpec, merge_loras
+
+    engine = build(*tiny["base"])
+    params = dict(engine.named_parameters())
+    unet_key = "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
+    te1_key = "conditioner.embedders.0.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    te2_key = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    g = torch.Generator().manual_seed(3)
+    factors = {}
+    for name, out, inner in (("lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k", 64, 2 * WIDTH),
+                             ("lora_te1_text_model_encoder_layers_1_mlp_fc1", 64, WIDTH),
+                             ("lora_te2_text_model_encoder_layers_1_self_attn_v_proj", WIDTH, WIDTH)):
+        factors[f"{name}.lora_down.weight"] = torch.randn(2, inner, generator=g)
+        factors[f"{name}.lora_up.weight"] = torch.randn(out, 2, generator=g)
+        factors[f"{name}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "sdxl-lora.safetensors"
+    save_file(factors, str(path))
+    before = {k: params[k].detach().clone() for k in (unet_key, te1_key, te2_key)}
+    merged = merge_loras(engine, [LoraSpec(path, unet_weight=1.0, text_weight=0.5)])
+
+    def delta(name):
+        return factors[f"{name}.lora_up.weight"] @ factors[f"{name}.lora_down.weight"] / 2
+    assert torch.allclose(params[unet_key] - before[unet_key],
+                          delta("lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k"), atol=1e-5)
+    assert torch.allclose(params[te1_key] - before[te1_key],
+                          0.5 * delta("lora_te1_text_model_encoder_layers_1_mlp_fc1"), atol=1e-5)
+    v_rows = params[te2_key][2 * WIDTH:] - before[te2_key][2 * WIDTH:]  # v is the third row block of in_proj
+    assert torch.allclose(v_rows, 0.5 * delta("lora_te2_text_model_encoder_layers_1_self_attn_v_proj"), atol=1e-5)
+    assert torch.equal(params[te2_key][:2 * WIDTH], before[te2_key][:2 * WIDTH])
+    merged.restore()
+    assert all(torch.equal(params[k], v) for k, v in before.items())

@@ -69,7 +69,7 @@ def _check_shape(lora: LoraFile, name: str, module: LoraModule, expected: torch.
     if not ok:
         raise LoraError(f"LoRA '{lora.path.name}' does not fit this model: '{name}' makes a "
                         f"{out} x {inner} change but the weight is {' x '.join(map(str, expected))}. It was made for "
-                        f"another model (SD 1 vs SD 2?); use a LoRA trained for this one")
+                        f"another model (SD 1, SD 2 or SDXL?); use a LoRA trained for this one")
 
 
 def check_loras(model: torch.nn.Module, specs: Sequence[LoraSpec],
