@@ -14,7 +14,7 @@ import inspect
 import re
 from typing import Any, Mapping, Optional
 
-from ldm.sgm_aliases import resolve_target
+from ldm.sgm_aliases import SGM_ALIASES, resolve_target
 
 # Non-project targets that configs may name: reviewed, harmless to construct with any arguments.
 ALLOWED_EXTERNAL = frozenset({
@@ -52,6 +52,8 @@ def refusal(target: Any) -> Optional[str]:
         return "is not a dotted class path"
     if target in ALLOWED_EXTERNAL:
         return None
+    if target.startswith("sgm.") and target not in SGM_ALIASES:
+        return "is not one of the sgm classes this project implements (those of the SDXL base and refiner configs)"
     target = resolve_target(target)  # the SDXL configs' sgm.* names: aliases of project classes
     module, name = target.rsplit(".", 1)
     if not _in_project(module):
