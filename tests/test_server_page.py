@@ -184,7 +184,10 @@ def test_page_choices_labels_and_narrow_layout(page):
     assert shown == [s["name"] for s in samplers]
     shown = page.js("return [...document.querySelectorAll('#scheduler option')].map(o => o.value)")
     assert shown == [s.get("label") or s["name"] for s in schedulers]
-    assert models[0]["title"] in page.el("model-name").text
+    _, options = page.api("/sdapi/v1/options")
+    shown = page.js("return [...document.querySelectorAll('#sd_model_checkpoint option')].map(o => o.value)")
+    assert shown == [m["title"] for m in models] and len(shown) >= 2
+    assert page.el("sd_model_checkpoint").get_attribute("value") == options["sd_model_checkpoint"]
 
     unlabeled = page.js("""return [...document.querySelectorAll('input, select, textarea, button')]
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
@@ -379,3 +382,24 @@ def test_paint_a_mask_and_inpaint(page):
     assert "mask is empty" in page.error()
     page.el("inpaint").click()
     assert not page.el("mask-canvas").is_displayed()
+
+
+def test_switch_model(page, server):
+    from selenium.webdriver.support.ui import Select
+
+    _, options = page.api("/sdapi/v1/options")
+    before = options["sd_model_checkpoint"]
+    other = next(o.get_attribute("value") for o in Select(page.el("sd_model_checkpoint")).options
+                 if o.get_attribute("value") != before)
+    try:
+        Select(page.el("sd_model_checkpoint")).select_by_value(other)
+        assert page.wait().startswith("Model"), page.el("progress-text").text
+        assert page.error() is None
+        assert page.requests() == [{"sd_model_checkpoint": other, "_path": "/sdapi/v1/options"}]
+        assert page.api("/sdapi/v1/options")[1]["sd_model_checkpoint"] == other
+        small_run(page, seed=3, steps=2)
+        page.generate()
+        (entry,) = [m for m in page.api("/sdapi/v1/sd-models")[1] if m["title"] == other]
+        assert card_text(page.cards()[0]).endswith(f"Model: {Path(entry['filename']).stem}")  # made by that model
+    finally:
+        page.api("/sdapi/v1/options", {"sd_model_checkpoint": before})

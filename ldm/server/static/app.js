@@ -6,7 +6,7 @@
   const API = "/sdapi/v1";
   const POLL_MS = 250;
   const PREVIEW_EVERY = 4;   // the preview image (large) on every 4th poll only, from the 2nd
-  const MASK_COLOUR = "#ff2d6f";
+  const MASK_COLOUR = "#ffffff";   // shown through mix-blend-mode: difference, visible on any image
   const PNG_PREFIX = "data:image/png;base64,";
 
   const $ = (id) => document.getElementById(id);
@@ -16,6 +16,7 @@
     run: 0,              // increases with every request; a poller stops when it is no longer current
     interrupted: false,
     lastSeed: null,
+    model: null,         // the checkpoint the server has loaded (its title)
     made: 0,             // images added to the gallery since the page was opened
     stroke: null,        // the last point of the mask stroke being painted
     maskPainted: false,
@@ -81,11 +82,12 @@
     $("progress-text").textContent = text;
   }
 
-  function setBusy(busy) {
+  function setBusy(busy, interruptible = true) {
     state.busy = busy;
     $("generate").disabled = busy;
     $("generate").setAttribute("aria-busy", String(busy));
-    $("interrupt").disabled = !busy;
+    $("sd_model_checkpoint").disabled = busy;
+    $("interrupt").disabled = !(busy && interruptible);
     document.body.classList.toggle("busy", busy);
   }
 
@@ -104,8 +106,8 @@
   }
 
   async function loadChoices() {
-    const [samplers, schedulers, models] = await Promise.allSettled([
-      api("/samplers"), api("/schedulers"), api("/sd-models"),
+    const [samplers, schedulers, models, options] = await Promise.allSettled([
+      api("/samplers"), api("/schedulers"), api("/sd-models"), api("/options"),
     ]);
     const problems = [];
     if (samplers.status === "fulfilled") {
@@ -115,13 +117,12 @@
       const items = schedulers.value.map((s) => ({ value: s.label || s.name, text: s.label || s.name }));
       fillSelect($("scheduler"), items, ["automatic"]);
     } else problems.push(`schedulers: ${schedulers.reason.message}`);
-    if (models.status === "fulfilled" && models.value.length) {
-      const model = models.value[0];
-      $("model-name").textContent = `model: ${model.title || model.model_name}`;
-    } else {
-      $("model-name").textContent = "model: unknown";
-      if (models.status === "rejected") problems.push(`models: ${models.reason.message}`);
-    }
+    if (models.status === "fulfilled") {
+      const current = options.status === "fulfilled" ? String(options.value.sd_model_checkpoint).toLowerCase() : "";
+      const items = models.value.map((m) => ({ value: m.title, text: m.title }));
+      fillSelect($("sd_model_checkpoint"), items, [current]);
+      state.model = $("sd_model_checkpoint").value;
+    } else problems.push(`models: ${models.reason.message}`);
     if (problems.length) showError(`Could not load the choices from the server.\n${problems.join("\n")}`);
   }
 
@@ -210,6 +211,26 @@
       await api("/interrupt", { method: "POST" });
     } catch (err) {
       showError(`Interrupt failed: ${err.message}`);
+    }
+  }
+
+  // Load another checkpoint (the server switches after the requests queued before this one).
+  async function switchModel() {
+    const select = $("sd_model_checkpoint");
+    const wanted = select.value;
+    clearError();
+    setBusy(true, false);
+    setStatus(`Loading ${wanted}…`);
+    try {
+      await postJSON("/options", { sd_model_checkpoint: wanted });
+      state.model = wanted;
+      setStatus(`Model ${wanted} loaded`);
+    } catch (err) {
+      select.value = state.model;
+      setStatus("Model not changed");
+      showError(err.message);
+    } finally {
+      setBusy(false);
     }
   }
 
@@ -365,9 +386,13 @@
     reader.readAsDataURL(file);
   }
 
+  function maskContext() {
+    return $("mask-canvas").getContext("2d", { willReadFrequently: true });
+  }
+
   function clearMask() {
     const canvas = $("mask-canvas");
-    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    maskContext().clearRect(0, 0, canvas.width, canvas.height);
     state.maskPainted = false;
   }
 
@@ -381,7 +406,7 @@
   }
 
   function paintTo(point) {
-    const ctx = $("mask-canvas").getContext("2d");
+    const ctx = maskContext();
     const from = state.stroke || point;
     ctx.strokeStyle = MASK_COLOUR;
     ctx.fillStyle = MASK_COLOUR;
@@ -417,7 +442,7 @@
   function maskBase64() {
     const canvas = $("mask-canvas");
     if (!state.maskPainted || canvas.width < 2) return null;
-    const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    const painted = maskContext().getImageData(0, 0, canvas.width, canvas.height).data;
     const out = document.createElement("canvas");
     out.width = canvas.width;
     out.height = canvas.height;
@@ -473,6 +498,7 @@
         if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("gen-form").requestSubmit();
       });
     }
+    $("sd_model_checkpoint").addEventListener("change", switchModel);
     mirror("denoising_strength");
     mirror("brush-size");
     selectTab("txt2img");
