@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -208,18 +209,24 @@ def test_page_choices_labels_and_narrow_layout(page):
 
 def test_txt2img_shows_progress_preview_and_gallery(page):
     small_run(page, seed=1234, steps=16, batch_size=2)
-    seen: list[tuple[float, int]] = []  # (progress bar value, length of the preview's src while it is shown)
-    watch = lambda: seen.append(tuple(page.js(  # noqa: E731
-        "const p = document.getElementById('preview');"
-        "return [document.getElementById('progress-bar').value, p.hidden ? 0 : (p.getAttribute('src') || '').length]")))
+    seen: list[tuple[float, int, str]] = []  # (progress bar value, length of the shown preview's src, status line)
+
+    def watch() -> None:
+        seen.append(tuple(page.js(
+            "const p = document.getElementById('preview');"
+            "return [document.getElementById('progress-bar').value,"
+            "        p.hidden ? 0 : (p.getAttribute('src') || '').length,"
+            "        document.getElementById('progress-text').textContent]")))
+
     status = page.generate(watch)
 
     assert page.error() is None
     assert status.startswith("Done: 2 images"), status
-    moving = [value for value, _ in seen if 0 < value < 100]
+    moving = [value for value, _, _ in seen if 0 < value < 100]
     assert len(set(moving)) >= 2, seen  # the bar moved through intermediate values while the request ran
     assert moving == sorted(moving)
-    assert any(length > 100 for _, length in seen), "no live preview image was shown"
+    assert any(length > 100 for _, length, _ in seen), "no live preview image was shown"
+    assert any(re.fullmatch(r"step ([1-9]|1[0-6])/16 · \d+% · ETA \d+\.\d s", text) for _, _, text in seen), seen
 
     (sent,) = page.requests()
     assert sent["_path"] == "/sdapi/v1/txt2img"
@@ -278,6 +285,7 @@ def test_interrupt_ends_a_long_run_early(page):
         assert time.time() - started < 120, "no progress reported"
         fraction = float(page.el("progress-bar").get_attribute("value")) / 100
         time.sleep(0.05)
+    assert re.match(r"batch 1/4 · step \d+/150 · \d+%", page.el("progress-text").text), page.el("progress-text").text
     assert page.el("interrupt").is_enabled()
     clicked = time.time()
     page.el("interrupt").click()

@@ -184,7 +184,7 @@
     setBusy(true);
     $("progress-bar").value = 0;
     setStatus("Starting…");
-    pollProgress(run);
+    pollProgress(run, payload.n_iter);
     try {
       const result = await postJSON(`/${state.mode}`, payload);
       const added = addResults(result);
@@ -238,25 +238,27 @@
 
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-  async function pollProgress(run) {
+  async function pollProgress(run, batches) {
     for (let poll = 1; state.run === run; poll += 1) {
       await sleep(POLL_MS);
       if (state.run !== run) return;
       try {
         const progress = await api(`/progress?skip_current_image=${poll % PREVIEW_EVERY !== 2}`);
-        if (state.run === run) showProgress(progress);
+        if (state.run === run) showProgress(progress, batches);
       } catch (_) {
         // A missed poll is not an error worth showing; the request itself reports failures.
       }
     }
   }
 
-  function showProgress(p) {
+  // `batches` is the request's n_iter: the server's job_no is the batch running, its job_count counts queued jobs.
+  function showProgress(p, batches) {
     const fraction = Math.max(0, Math.min(1, Number(p.progress) || 0));
     $("progress-bar").value = Math.round(fraction * 1000) / 10;
     const s = p.state || {};
     const parts = [];
-    if (s.job_count > 1) parts.push(`batch ${Math.min(s.job_no + 1, s.job_count)}/${s.job_count}`);
+    if (s.queue_pending > 0) parts.push(`${s.queue_pending} queued`);
+    if (batches > 1) parts.push(`batch ${Math.min((s.job_no || 0) + 1, batches)}/${batches}`);
     if (s.sampling_steps) parts.push(`step ${s.sampling_step}/${s.sampling_steps}`);
     parts.push(`${Math.round(fraction * 100)}%`);
     if (p.eta_relative > 0) parts.push(`ETA ${p.eta_relative.toFixed(1)} s`);
