@@ -59,6 +59,8 @@ class Result:
     interrupted: bool = False  # cancelled: the last batch shows the estimate at the step it stopped
     request: Optional[Request] = None
     settings: Optional[Settings] = None
+    model_name: Optional[str] = None
+    model_hash: Optional[str] = None
 
     def info(self) -> dict[str, Any]:
         """The web UI's ``info`` fields (``seed``, ``all_seeds``, ``infotexts``...) of this result."""
@@ -71,7 +73,8 @@ class Result:
                 "sampler_name": settings.sampler.label if settings else request.sampler,
                 "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
                 "denoising_strength": settings.strength if settings and settings.mode != "txt2img" else None,
-                "index_of_first_image": 0, "infotexts": self.parameters, "interrupted": self.interrupted}
+                "index_of_first_image": 0, "infotexts": self.parameters, "interrupted": self.interrupted,
+                "sd_model_name": self.model_name, "sd_model_hash": self.model_hash}
 
     def info_json(self) -> str:
         """``info`` as the JSON string the web UI sends."""
@@ -188,7 +191,8 @@ def generate(m: LoadedModel, r: Request, mode: str, progress: ProgressCallback =
     seed = r.seed if r.seed is not None else random_seed()
     jobs = pipeline.plan_jobs([r.prompt], r.batch_size, r.n_iter, seed)
     m.loras.specs_for(r.prompt)  # an unknown <lora:NAME> fails before any work
-    task, result = Task(m, s), Result(request=r, settings=s)
+    task = Task(m, s)
+    result = Result(request=r, settings=s, model_name=m.name, model_hash=m.model_hash)
     for index, job in enumerate(jobs):
         watch = StepWatch(task, index, len(jobs), progress, cancel)
         try:

@@ -11,14 +11,12 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import accel, inpaint, limits, loading, pipeline
+from ldm.inference import inpaint, limits, loading, pipeline
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
-from ldm.samplers.schedules import USER_SCHEDULES
-from ldm.inference.metadata import ImageParameters, file_hash, format_parameters
 from ldm.inference.outputs import OutputWriter, check_writable
-from ldm.modules.lora import LoraSession
-from ldm.modules.safety import numpy_to_pil
+from ldm.api import LoadedModel, Settings, Task, build
+from ldm.api.generate import valid_side
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +69,6 @@ class RunResult:
         flagged = f"; {self.flagged} replaced by the safety checker" if self.flagged else ""
         per = self.seconds / max(self.n_images, 1)
         return f"Done: {where}{grid}; {count(self.n_images)} made, {per:.2f} s per image{flagged}"
-
-
-def _valid_side(flag: str, value: int, factor: int) -> int:
-    if value % factor:
-        low = value - value % factor
-        options = " or ".join(str(v) for v in (low, low + factor) if v >= factor)
-        raise UsageError(f"{flag} {value} is not a multiple of {factor} (the model's downsampling factor): "
-                         f"use {options}")
-    return value
 
 
 def check_geometry(opts: Options, geometry: loading.ModelGeometry) -> None:
@@ -141,8 +130,8 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     inpaint.check_mode(opts.mode, config, source)
     opts = inpaint.with_default_strength(opts, config)
     f = geometry.factor
-    width = _valid_side("--W", opts.width, f) if opts.width is not None else None
-    height = _valid_side("--H", opts.height, f) if opts.height is not None else None
+    width = valid_side("--W", opts.width, f) if opts.width is not None else None
+    height = valid_side("--H", opts.height, f) if opts.height is not None else None
     prompts = _prompts(opts, source)
     init_image = None
     if opts.mode == "img2img":
@@ -159,84 +148,27 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     return p
 
 
-def _parameters(p: Plan, prompt: str, seed: int, model_hash: str) -> str:
+def load(p: Plan) -> LoadedModel:
+    """Load the planned model once (``ldm.api``: weights, LoRAs, speed options, safety checker, precision)."""
     o = p.opts
-    text = format_parameters(ImageParameters(
-        prompt=prompt, negative_prompt=o.negative_prompt, steps=o.steps, sampler=o.sampler_label,
-        schedule_type=o.sampler_choice.schedule_label if o.sampler_choice.schedule in USER_SCHEDULES else None,
-        cfg_scale=o.scale, seed=seed, width=p.width, height=p.height, model=p.source.name, model_hash=model_hash,
-        denoising_strength=o.strength if o.mode in ("img2img", "inpaint") else None,
-        eta=o.eta if o.eta is not None and o.eta != o.sampler_choice.spec.eta else None,
-        vae=o.vae.stem if o.vae is not None else None))
-    return inpaint.add_settings(text, o.inpaint) if o.inpaint is not None else text
+    return build(p.source, p.config, p.geometry, device=o.device, use_ema=o.use_ema, vae=o.vae, loras=o.loras,
+                 prompts=p.prompts, precision=o.precision, bf16=o.bf16, safety_check=o.safety_check,
+                 safety_checker=o.safety_checker, speed=o)
 
 
-class _Generation:
-    """The loaded pieces of a run and the per-batch work."""
-
-    def __init__(self, p: Plan):
-        o = p.opts
-        self.plan = p
-        self.model = loading.load_model(p.source, p.config, o.use_ema, o.vae, o.device)
-        self.loras = LoraSession(self.model, o.loras, p.prompts)  # --lora merged; <lora:...> tags checked
-        for applied in accel.apply_options(self.model, o):
-            logger.info("speed option: %s", applied)
-        self.checker = loading.load_checker(o.safety_checker, o.device) if o.safety_check else None
-        self.model_hash = file_hash(p.source.ckpt_path)
-        self.precision = pipeline.choose_precision(o.device, o.precision, o.bf16)
-        self.sampler = o.sampler_choice
-        self.shape = (p.geometry.channels, p.height // p.geometry.factor, p.width // p.geometry.factor)
-        self.posterior = None
-        self.warned: set = set()
-        if o.mode == "img2img":
-            with torch.no_grad(), self.precision.scope():
-                init = pipeline.image_tensor(p.init_image, o.device)
-                mean, std = pipeline.encode_init(self.model, init)
-                self.posterior = (mean.float(), std.float())
-            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps, o.strength)
-        elif o.mode == "inpaint":
-            with torch.no_grad(), self.precision.scope():
-                self.prepared = inpaint.prepare(self.model, p.canvas, inpaint.config_is_inpainting(p.config), o.device)
-            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps, o.strength)
-        else:
-            self.steps_per_image = pipeline.sampler_steps(self.model, self.sampler, o.steps)
-
-    @torch.no_grad()
-    def latents(self, job: pipeline.Job, callback: pipeline.StepCallback) -> torch.Tensor:
-        """Sampled latents [B, C, h, w] of one job."""
-        o = self.plan.opts
-        job = self.loras.prepare_job(job)  # the LoRAs of its <lora:...> tags merged, the tags removed
-        gens = pipeline.generators(job.seeds)
-        with self.precision.scope():
-            cond, uncond = pipeline.conditioning(self.model, job, o.negative_prompt, o.scale, self.warned)
-            if o.mode == "img2img":
-                return pipeline.sample_img2img(self.model, self.sampler, self.posterior, cond, uncond, o.steps,
-                                               o.strength, o.scale, gens, o.eta, callback)
-            if o.mode == "inpaint":
-                return inpaint.sample_inpaint(self.model, self.sampler, self.prepared, cond, uncond, o.steps,
-                                              o.strength, o.scale, gens, o.eta, callback)
-            x_T = pipeline.draw(gens, self.shape, o.device)
-            return pipeline.sample_txt2img(self.model, self.sampler, x_T, cond, uncond, o.steps, o.scale, gens, o.eta,
-                                           callback)
-
-    @torch.no_grad()
-    def images(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
-        """Decoded, safety-checked PIL images of a batch and which of them were flagged."""
-        images = pipeline.to_numpy(pipeline.decode(self.model, latents, self.precision))
-        if self.plan.canvas is not None:  # pasted into the input through the blurred mask
-            images = inpaint.to_array(inpaint.composite(self.prepared, numpy_to_pil(images)))
-        flags = [False] * len(images)
-        if self.checker is not None:
-            images, flags = self.checker.check(images)
-        return numpy_to_pil(images), list(flags)
+def settings(p: Plan) -> Settings:
+    """The API's settings of a planned run."""
+    o = p.opts
+    return Settings(o.mode, o.negative_prompt, o.steps, o.sampler_choice, o.scale, p.width, p.height, eta=o.eta,
+                    strength=o.strength, init_image=p.init_image, canvas=p.canvas, inpaint=o.inpaint)
 
 
-def _save_batch(p: Plan, gen: _Generation, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],
+def _save_batch(task: Task, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],
                 flags: list[bool], result: RunResult) -> Optional[str]:
     """Write a batch's images with their own parameters; returns the first image's parameters text."""
     first = None
     for image, prompt, seed, flagged in zip(images, job.prompts, job.seeds, flags):
-        params = _parameters(p, prompt, seed, gen.model_hash)
+        params = task.parameters(prompt, seed)
         first = first or params
         path = writer.sample(image, params)
         if path is not None:
@@ -257,7 +189,7 @@ def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Opt
     run stops early (Ctrl-C, a full disk, a NaN batch: ``limits.NonFiniteResult``).
     """
     p = plan(opts, default_dir)
-    gen = _Generation(p)
+    gen = Task(load(p), settings(p))
     watermark = (opts.watermark_text or loading.default_watermark(p.geometry)) if opts.watermark else None
     writer = OutputWriter(opts.outdir, watermark, save_samples=not opts.skip_save, save_grid=not opts.skip_grid,
                           n_rows=opts.n_rows)
@@ -271,9 +203,9 @@ def run(opts: Options, progress: ProgressFactory = no_progress, default_dir: Opt
             steps = gen.steps_per_image
             with progress(steps, "sampling") as bar:
                 latents = gen.latents(job, lambda i: bar.update(1))
-            limits.check_finite(latents, "the sampled latents", gen.precision.reduced)
+            limits.check_finite(latents, "the sampled latents", gen.m.precision.reduced)
             images, flags = gen.images(latents)
-            params = _save_batch(p, gen, writer, job, images, flags, result)
+            params = _save_batch(gen, writer, job, images, flags, result)
             if not opts.skip_grid:
                 grid_images.extend(images)
                 grid_params = grid_params or params

@@ -89,7 +89,10 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
             return result, encoded
 
         result, encoded = await _wait(service, service.queue.submit(mode, work), request)
-        return {"images": encoded, "parameters": body.model_dump(exclude={"init_images", "mask"}),
+        echo = body.model_dump()
+        if "init_images" in echo and not getattr(body, "include_init_images", False):  # as the web UI
+            echo.update(init_images=None, mask=None)
+        return {"images": encoded, "parameters": echo,
                 "info": result.info_json()}
     return route
 
