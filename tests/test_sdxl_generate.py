@@ -368,3 +368,38 @@ def test_kohya_sdxl_lora_merges_into_both_text_encoders_and_the_unet(tiny, tmp_p
     assert torch.equal(params[te2_key][:2 * WIDTH], before[te2_key][:2 * WIDTH])
     merged.restore()
     assert all(torch.equal(params[k], v) for k, v in before.items())
+
+
+def test_long_prompts_take_more_chunks_and_weights_change_the_features(base_engine):
+    long = ", ".join(["a small red house on a hill"] * 14)  # > 75 tokens
+    with torch.no_grad():
+        c, uc = sdxl.conditioning(base_engine, [long], "", 32, 32, sdxl.SdxlOptions())
+        plain, _ = sdxl.conditioning(base_engine, ["a red house"], "", 32, 32, sdxl.SdxlOptions())
+        weighted, _ = sdxl.conditioning(base_engine, ["a (red:1.5) house"], "", 32, 32, sdxl.SdxlOptions())
+    assert c["crossattn"].shape == (1, 154, 2 * WIDTH) and uc["crossattn"].shape == (1, 154, 2 * WIDTH)
+    assert c["vector"].shape == plain["vector"].shape
+    assert not torch.allclose(weighted["crossattn"], plain["crossattn"])
+    assert torch.allclose(weighted["vector"], plain["vector"])  # the pooled part ignores weights
+
+
+def test_sdxl_embeddings_give_each_encoder_its_own_vectors(base_engine, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    clip_l, clip_g = torch.randn(2, WIDTH, generator=g), torch.randn(2, WIDTH, generator=g)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(first / "zorpstyle.safetensors"))
+    save_file({"clip_l": clip_l, "clip_g": clip_g * 2}, str(second / "zorpstyle.safetensors"))
+    with torch.no_grad():
+        a, _ = sdxl.conditioning(base_engine, ["zorpstyle cat"], "", 32, 32, sdxl.SdxlOptions(), embeddings=first)
+        b, _ = sdxl.conditioning(base_engine, ["zorpstyle cat"], "", 32, 32, sdxl.SdxlOptions(), embeddings=second)
+        plain, _ = sdxl.conditioning(base_engine, ["zorpstyle cat"], "", 32, 32, sdxl.SdxlOptions(),
+                                     embeddings=tmp_path / "none")
+    assert torch.equal(a["crossattn"][..., :WIDTH], b["crossattn"][..., :WIDTH])  # CLIP-L read clip_l
+    assert not torch.allclose(a["crossattn"][..., WIDTH:], b["crossattn"][..., WIDTH:])  # bigG read clip_g
+    assert not torch.allclose(a["vector"][:, :WIDTH], b["vector"][:, :WIDTH])  # and the pooled embedding
+    assert not torch.allclose(a["crossattn"][..., :WIDTH], plain["crossattn"][..., :WIDTH])
+    save_file({"emb_params": torch.randn(1, 24)}, str(first / "sd1thing.safetensors"))
+    with pytest.raises(UsageError, match="sd1thing"):
+        sdxl.conditioning(base_engine, ["sd1thing"], "", 32, 32, sdxl.SdxlOptions(), embeddings=first)

@@ -128,14 +128,72 @@ def batches(keys: Sequence[str], prompts: Sequence[str], negative: Sequence[str]
 
 
 def conditioning(engine: Any, prompts: Sequence[str], negative_prompt: str, width: int, height: int,
-                 opts: SdxlOptions) -> tuple[Cond, Cond]:
-    """(c, uc) {"crossattn": [B, 77, D], "vector": [B, V]} of B prompts; uc's text is zeros when the negative
-    prompt is empty (the original), else the negative prompt's embeddings."""
+                 opts: SdxlOptions, embeddings: Optional[Path] = None) -> tuple[Cond, Cond]:
+    """(c, uc) {"crossattn": [B, k * 77, D], "vector": [B, V]} of B prompts in the web UI's syntax (75-token
+    chunks, weights, BREAK, textual-inversion names with ``clip_l`` / ``clip_g`` vectors; pooled from the first
+    chunk). uc's text parts are zeros when the negative prompt is empty (the original), else its encoding.
+
+    For plain prompts of up to 75 tokens this is exactly the original conditioner's result.
+    """
     conditioner = engine.conditioner
     keys = list(dict.fromkeys(e.input_key for e in conditioner.embedders if e.input_key is not None))
     batch, batch_uc = batches(keys, prompts, [negative_prompt] * len(prompts), width, height, opts)
-    zero = ["txt"] if not negative_prompt else []
-    return conditioner.get_unconditional_conditioning(batch, batch_uc, force_uc_zero_embeddings=zero)
+    texts = list(dict.fromkeys(list(prompts) + ([negative_prompt] if negative_prompt else [])))
+    encoded = _encode_texts(conditioner, texts, embeddings)
+    parts_c: list[torch.Tensor] = []
+    parts_uc: list[torch.Tensor] = []
+    for n, embedder in enumerate(conditioner.embedders):
+        if n in encoded:
+            for out in encoded[n]:
+                rows = out[[texts.index(t) for t in prompts]]
+                parts_c.append(rows)
+                parts_uc.append(out[[texts.index(negative_prompt)] * len(prompts)] if negative_prompt
+                                else torch.zeros_like(rows))
+        else:
+            key = embedder.input_key
+            parts_c.append(embedder(batch[key].to(conditioner.device)))
+            parts_uc.append(embedder(batch_uc[key].to(conditioner.device)))
+    return _assemble(parts_c), _assemble(parts_uc)
+
+
+def _assemble(parts: Sequence[torch.Tensor]) -> Cond:
+    """The conditioner's sorting: 3-dim outputs concatenated on the features (crossattn), 2-dim on dim 1 (vector)."""
+    out: Cond = {}
+    for emb in parts:
+        key, dim = ("crossattn", 2) if emb.dim() == 3 else ("vector", 1)
+        out[key] = torch.cat((out[key], emb), dim) if key in out else emb
+    return out
+
+
+def _text_part(embedder: Any) -> str:
+    """Which vectors of an SDXL embedding file an embedder reads: ``clip_g`` (OpenCLIP) or ``clip_l``."""
+    return "clip_g" if hasattr(embedder, "model") else "clip_l"
+
+
+def _encode_texts(conditioner: Any, texts: Sequence[str], folder: Optional[Path]) -> dict[int, list[torch.Tensor]]:
+    """Per text embedder: [features [U, k * 77, w]] (+ [pooled [U, d]]) of U texts, all with the same k chunks."""
+    from ldm.modules.encoders.prompt_chunks import empty_chunk, encode_chunks, place_vectors
+    from ldm.modules.encoders.textual_inversion import EmbeddingError, EmbeddingPart, library_for
+
+    text = [(n, e) for n, e in enumerate(conditioner.embedders) if e.input_key == "txt"]
+    try:
+        chunks = {n: [e.prompt_chunks(t, EmbeddingPart(library_for(e, folder), _text_part(e))) for t in texts]
+                  for n, e in text}
+        count = max(len(c) for lists in chunks.values() for c in lists)
+        out: dict[int, list[torch.Tensor]] = {}
+        for n, embedder in text:
+            spec = embedder.chunk_spec()
+            padded = [c + [empty_chunk(spec)] * (count - len(c)) for c in chunks[n]]
+            out[n] = [encode_chunks(embedder, padded, spec)]
+            if getattr(embedder, "return_pooled", False):
+                first = [c[0] for c in padded]
+                tokens = torch.tensor([c.tokens for c in first], dtype=torch.long, device=embedder.device)
+                vectors = [c.vectors for c in first]
+                embeds = place_vectors(embedder.model.token_embedding(tokens), vectors) if any(vectors) else None
+                out[n].append(embedder.encode_tokens_with_pooled(tokens, embeds)[1])
+    except EmbeddingError as e:
+        raise UsageError(str(e)) from None
+    return out
 
 
 class EngineDenoiser:

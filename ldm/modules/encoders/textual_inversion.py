@@ -3,7 +3,9 @@
 A file ``models/embeddings/<name>.pt`` / ``.safetensors`` / ``.bin`` holds learned token-embedding vectors
 [n, width]; wherever the tokens of ``<name>`` appear in a prompt, the n vectors take their place (see
 ``prompt_chunks``). Formats: the web UI's ``.pt`` (``string_to_param`` with one entry), ``.safetensors`` /
-``.pt`` with ``emb_params``, and the diffusers concept file (one tensor under the token's name). Pickled files are
+``.pt`` with ``emb_params``, the diffusers concept file (one tensor under the token's name) and SDXL files with one
+tensor per text encoder (``clip_l`` [n, 768], ``clip_g`` [n, 1280]; each SDXL encoder reads its own part). Pickled
+files are
 read as checkpoints are (``torch.load(weights_only=True)`` via ``ldm.checkpoint``): a file can never run code.
 Files are read when a prompt first names them, so an unrelated broken file in the folder does no harm.
 """
@@ -22,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EMBEDDINGS_DIR = Path(__file__).resolve().parents[3] / "models" / "embeddings"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")  # first wins when two files share a name
 MAX_VECTORS = 75
-_FAMILY_BY_WIDTH = {768: "SD 1", 1024: "SD 2"}
+_FAMILY_BY_WIDTH = {768: "SD 1 or SDXL clip_l", 1024: "SD 2", 1280: "SDXL clip_g"}
 
 
 class EmbeddingError(ValueError):
@@ -52,9 +54,18 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     return data
 
 
-def _vectors_of(data: Mapping[str, Any], path: Path) -> torch.Tensor:
-    """The vectors tensor in the web-UI / diffusers layouts of an embedding file."""
-    if "string_to_param" in data:
+SDXL_PARTS = ("clip_l", "clip_g")  # SDXL embedding files: vectors for CLIP-L and for OpenCLIP-bigG
+
+
+def _vectors_of(data: Mapping[str, Any], path: Path, part: Optional[str] = None) -> torch.Tensor:
+    """The vectors tensor in the web-UI / diffusers / SDXL layouts of an embedding file (``part``: the SDXL text
+    encoder asking, ``clip_l`` or ``clip_g``; None for SD 1 / SD 2)."""
+    if part is not None and any(k in data for k in SDXL_PARTS):
+        found = data.get(part)
+        if found is None:
+            raise EmbeddingError(f"SDXL embedding file '{path}' has no '{part}' vectors (it has "
+                                 f"{', '.join(k for k in SDXL_PARTS if k in data)})")
+    elif "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, Mapping) or len(params) != 1:
             raise EmbeddingError(f"embedding file '{path}' must hold exactly one term in string_to_param")
@@ -74,10 +85,11 @@ def _vectors_of(data: Mapping[str, Any], path: Path) -> torch.Tensor:
     return found
 
 
-def read_embedding(path: str | Path) -> torch.Tensor:
-    """Vectors [n, width] float32 (CPU) of an embedding file in the web-UI or diffusers format."""
+def read_embedding(path: str | Path, part: Optional[str] = None) -> torch.Tensor:
+    """Vectors [n, width] float32 (CPU) of an embedding file in the web-UI, diffusers or SDXL format (``part``:
+    ``clip_l`` / ``clip_g`` for an SDXL text encoder)."""
     path = Path(path)
-    vectors = _vectors_of(_read_file(path), path).detach().to("cpu", torch.float32).clone()  # not file-backed
+    vectors = _vectors_of(_read_file(path), path, part).detach().to("cpu", torch.float32).clone()  # not file-backed
     if vectors.dim() == 1:
         vectors = vectors[None]
     if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= MAX_VECTORS or vectors.shape[1] == 0:
@@ -99,7 +111,7 @@ class EmbeddingLibrary:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.paths: dict[str, Path] = {}
-        self._vectors: dict[Path, tuple[int, torch.Tensor]] = {}
+        self._vectors: dict[tuple[Path, Optional[str]], tuple[int, torch.Tensor]] = {}
         self._warned: set[Path] = set()
 
     def refresh(self) -> None:
@@ -116,14 +128,15 @@ class EmbeddingLibrary:
                 continue
             self.paths[path.stem] = path
 
-    def vectors(self, name: str, width: int) -> torch.Tensor:
-        """Vectors [n, width] of embedding ``name``; a clear error when the file is bad or of another width."""
+    def vectors(self, name: str, width: int, part: Optional[str] = None) -> torch.Tensor:
+        """Vectors [n, width] of embedding ``name`` (an SDXL file's ``part``); a clear error when the file is bad or
+        of another width."""
         path = self.paths[name]
         stamp = path.stat().st_mtime_ns
-        cached = self._vectors.get(path)
+        cached = self._vectors.get((path, part))
         if cached is None or cached[0] != stamp:
-            cached = (stamp, read_embedding(path))
-            self._vectors[path] = cached
+            cached = (stamp, read_embedding(path, part))
+            self._vectors[(path, part)] = cached
             logger.info("textual-inversion embedding '%s': %d vectors from %s", name, cached[1].shape[0], path)
         vectors = cached[1]
         if vectors.shape[1] != width:
@@ -132,8 +145,10 @@ class EmbeddingLibrary:
                                  f"model family, or rename the file so the prompt does not name it")
         return vectors
 
-    def finder(self, bpe: Callable[[str], list[int]], width: int) -> Optional[EmbeddingFinder]:
-        """Finder of embedding names in a token list (longest name first), or None when the folder has none."""
+    def finder(self, bpe: Callable[[str], list[int]], width: int,
+               part: Optional[str] = None) -> Optional[EmbeddingFinder]:
+        """Finder of embedding names in a token list (longest name first), or None when the folder has none;
+        ``part`` picks an SDXL file's vectors (``clip_l`` / ``clip_g``)."""
         self.refresh()
         lookup: dict[int, list[tuple[list[int], str]]] = {}
         for name in self.paths:
@@ -148,7 +163,7 @@ class EmbeddingLibrary:
         def find(tokens: Sequence[int], position: int) -> Optional[tuple[torch.Tensor, int]]:
             for ids, name in lookup.get(tokens[position], ()):
                 if list(tokens[position:position + len(ids)]) == ids:
-                    return self.vectors(name, width), len(ids)
+                    return self.vectors(name, width, part), len(ids)
             return None
         return find
 
@@ -162,3 +177,16 @@ def library_for(encoder: Any, folder: Optional[str | Path] = None) -> EmbeddingL
     if key not in libraries:
         libraries[key] = EmbeddingLibrary(folder)
     return libraries[key]
+
+
+class EmbeddingPart:
+    """One SDXL text encoder's view of a library: the ``clip_l`` or ``clip_g`` vectors of SDXL files."""
+
+    def __init__(self, library: EmbeddingLibrary, part: str):
+        if part not in SDXL_PARTS:
+            raise ValueError(f"part must be one of {SDXL_PARTS}, got '{part}'")
+        self.library, self.part = library, part
+
+    def finder(self, bpe: Callable[[str], list[int]], width: int) -> Optional[EmbeddingFinder]:
+        """The library's finder for this part."""
+        return self.library.finder(bpe, width, self.part)
