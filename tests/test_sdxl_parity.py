@@ -200,3 +200,41 @@ def test_reference_folder_is_complete_or_absent():
     if not CASES:
         pytest.skip(f"no SDXL reference cases at {REFERENCE}")
     assert {"conditioner", "unet", "denoiser", "sampling", "autoencoder"} <= {c["kind"] for c in CASES}
+
+
+def tiny_engine() -> Any:
+    """The whole engine of the folder's denoiser case (weights loaded)."""
+    case = next((c for c in CASES if c["kind"] == "denoiser" and not c.get("weights_prefix")), None)
+    if case is None:
+        pytest.skip("no whole-engine case in the reference folder")
+    return case_object(case)
+
+
+@pytest.mark.skipif(not CASES, reason=f"no SDXL reference cases at {REFERENCE}")
+def test_engine_conventions_beyond_the_cases():
+    """float64 sigmas quantize like float32 ones; encode/decode scale by scale_factor on a non-square image; a batch
+    without a key the conditioner reads is one readable error."""
+    engine = tiny_engine()
+    sigmas = torch.tensor([0.02, 0.5, 1.0, 7.3, 30.0])
+    assert torch.equal(engine.denoiser.sigma_to_idx(sigmas.double()), engine.denoiser.sigma_to_idx(sigmas))
+    assert engine.denoiser.sigma_to_idx(sigmas)[[0, -1]].tolist() == [0, len(engine.denoiser.sigmas) - 1]
+    image = torch.rand(1, 3, 24, 40) * 2 - 1
+    with torch.no_grad():
+        z = engine.encode_first_stage(image, sample=False)
+        mean = engine.first_stage_model.encode(image).mode()
+        decoded = engine.decode_first_stage(z)
+    assert torch.allclose(z, engine.scale_factor * mean)
+    assert decoded.shape == image.shape
+    keys = [e.input_key for e in engine.conditioner.embedders if e.input_key != "txt"]
+    with pytest.raises(KeyError, match=keys[0]):
+        engine.conditioner({"txt": ["a cat"]})
+
+
+def test_sgm_names_build_our_classes():
+    """The sgm.* targets of the original configs build this project's classes, nothing imported from sgm."""
+    from ldm.sgm_aliases import SGM_ALIASES
+    from ldm.util import get_obj_from_str
+
+    for alias, ours in SGM_ALIASES.items():
+        cls = get_obj_from_str(alias)
+        assert f"{cls.__module__}.{cls.__qualname__}" == ours and cls.__module__.startswith("ldm.")
