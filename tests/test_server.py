@@ -219,3 +219,18 @@ def test_auth_401_and_nothing_queued(tmp_path):
         assert result.info["all_seeds"] == [4] and queue.completed == 1
     finally:
         running.stop()
+
+
+def test_serve_refuses_an_open_address_without_auth(capsys, tmp_path):
+    from ldm.server.cli import build_parser, check_args, main
+
+    for argv in (["--listen"], ["--host", "192.168.1.5"], ["--api-auth", "nopassword"], ["--port", "0"],
+                 ["--ckpt", str(tmp_path / "missing.safetensors")], ["--max_steps", "0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("serve.py: error: ") and "\n" not in err and "Traceback" not in err
+    assert main(["--listen"]) == 2 and "--api-auth" in capsys.readouterr().err
+    parse = build_parser().parse_args
+    assert check_args(parse([])) == "127.0.0.1" and check_args(parse(["--host", "::1"])) == "::1"
+    assert check_args(parse(["--listen", "--api-auth", "u:p"])) == "0.0.0.0"
+    assert check_args(parse(["--listen", "--insecure"])) == "0.0.0.0"
