@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ldm.data.synthetic_shapes import render_item  # noqa: E402
 from ldm.default_model.evaluation import (Adherence, batched, clip_from_parts, clip_scores,  # noqa: E402
@@ -59,12 +59,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--grid", type=Path, help="save a grid of the first 64 generated pictures here")
+    p.add_argument("--save_latents", type=Path, help="also save the sampled latents here (.safetensors)")
+    p.add_argument("--from_latents", type=Path, help="decode these saved latents (of the same options) instead of "
+                   "sampling: measures a new decoder with an unchanged diffusion model and text encoder")
     args = p.parse_args(argv)
     try:
         resolve(args.sampler, args.schedule)
     except ValueError as e:
         p.error(str(e))
-    for name in ("out", "grid"):
+    for name in ("out", "grid", "save_latents"):
         path = getattr(args, name)
         if path is not None and path.exists():  # found before the minutes of generation, not after
             p.error(f"--{name} {path} already exists: choose a new path or remove the file first")
@@ -79,17 +82,29 @@ def real_pictures(count: int) -> tuple[torch.Tensor, list[Any]]:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
-             sampler: str = "DDIM", schedule: str | None = None) -> torch.Tensor:
-    """Pictures [B, 3, H, W] in [0, 1] through the inference pipeline's sampling and decoding."""
+def sample(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
+           sampler: str = "DDIM", schedule: str | None = None) -> torch.Tensor:
+    """Latents [B, C, h, w] through the inference pipeline's sampling."""
     device = next(model.parameters()).device
     cond = model.get_learned_conditioning(list(prompts))
     uncond = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
     gens = pipeline.generators(seeds)
     shape = (model.channels, model.image_size, model.image_size)
     x_T = pipeline.draw(gens, shape, device)
-    latents = pipeline.sample_txt2img(model, resolve(sampler, schedule), x_T, cond, uncond, steps, scale, gens)
-    return pipeline.decode(model, latents, pipeline.choose_precision(str(device), "full", False))
+    return pipeline.sample_txt2img(model, resolve(sampler, schedule), x_T, cond, uncond, steps, scale, gens)
+
+
+@torch.no_grad()
+def decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Pictures [B, 3, H, W] in [0, 1] through the inference pipeline's decoding."""
+    device = next(model.parameters()).device
+    return pipeline.decode(model, latents.to(device), pipeline.choose_precision(str(device), "full", False))
+
+
+def generate(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
+             sampler: str = "DDIM", schedule: str | None = None) -> torch.Tensor:
+    """Pictures [B, 3, H, W] in [0, 1] through the inference pipeline's sampling and decoding."""
+    return decode(model, sample(model, prompts, seeds, steps, scale, sampler, schedule))
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, Path]:
@@ -128,15 +143,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit > 0:
         jobs = jobs[:args.limit]
     adherence, pictures, start = Adherence(), [], time.time()
+    saved, sampled = (saved_latents(args, len(jobs)) if args.from_latents else None), []
     for n, part in enumerate(batched(jobs, args.batch)):
-        images = generate(model, [j[0] for j in part], [j[2] for j in part], args.steps, args.scale, args.sampler,
-                          args.schedule)
+        if saved is not None:
+            latents = saved[n * args.batch:n * args.batch + len(part)]
+        else:
+            latents = sample(model, [j[0] for j in part], [j[2] for j in part], args.steps, args.scale,
+                             args.sampler, args.schedule)
+        sampled.append(latents.float().cpu())
+        images = decode(model, latents)
         for picture, (_, combo, _) in zip(to_uint8(images), part):
             adherence.add(picture, *combo)
         pictures.append((images * 2 - 1).cpu())
         logger.info("%d/%d pictures, all-three so far %.3f (%.0f s)", adherence.total, len(jobs),
                     adherence.rates()["all"], time.time() - start)
     results["generation_seconds"] = time.time() - start
+    if args.save_latents:
+        save_file({"latents": torch.cat(sampled).contiguous()}, str(args.save_latents), metadata=latent_stamp(args))
     results["adherence"] = adherence.rates()
     results["adherence_breakdown"] = adherence.breakdown()
     results["adherence_misses"] = dict(adherence.misses.most_common())
@@ -155,6 +178,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.grid:
         save_grid(generated[:64], args.grid)
     return results
+
+
+def latent_stamp(args: argparse.Namespace) -> dict[str, str]:
+    """The options that decide the sampled latents (besides the weights)."""
+    return {k: str(getattr(args, k)) for k in ("seeds", "steps", "sampler", "schedule", "scale", "limit")}
+
+
+def saved_latents(args: argparse.Namespace, count: int) -> torch.Tensor:
+    """Latents saved by --save_latents with the same options; exits with a message when they do not fit."""
+    from safetensors import safe_open
+
+    with safe_open(str(args.from_latents), framework="pt") as f:
+        stamp, latents = f.metadata() or {}, f.get_tensor("latents")
+    if stamp != latent_stamp(args) or latents.shape[0] != count:
+        raise SystemExit(f"--from_latents {args.from_latents}: saved with {stamp} ({latents.shape[0]} latents), "
+                         f"not with these options {latent_stamp(args)} ({count} pictures)")
+    return latents
 
 
 def save_grid(pictures: torch.Tensor, path: Path, columns: int = 8) -> None:

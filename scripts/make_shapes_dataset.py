@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ldm.data.synthetic_shapes import write_items, write_metadata  # noqa: E402
+from ldm.data.synthetic_shapes import parse_emphasis, write_items, write_metadata  # noqa: E402
 
 logger = logging.getLogger("make_shapes_dataset")
 
@@ -33,6 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="picture side in pixels (default 256)")
     p.add_argument("--start", type=int, default=0, help="first index (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--emphasis", default="", help='weights of shapes / foreground colours, e.g. "triangle=3,red=2" '
+                   "(default none: every combination equally often, in blocks of 224)")
     return p.parse_args(argv)
 
 
@@ -42,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.count < 1 or args.size < 8:
         raise SystemExit("--count must be >= 1 and --size >= 8")
+    try:
+        emphasis = parse_emphasis(args.emphasis)
+    except ValueError as e:
+        raise SystemExit(f"--emphasis: {e}") from None
     start, stop = args.start, args.start + args.count
     chunk = max(1, -(-args.count // max(1, args.workers)))
     ranges = [range(i, min(i + chunk, stop)) for i in range(start, stop, chunk)]
@@ -49,9 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             parts = list(pool.map(write_items, [args.out] * len(ranges), [args.seed] * len(ranges), ranges,
-                                  [args.size] * len(ranges)))
+                                  [args.size] * len(ranges), [emphasis] * len(ranges)))
     else:
-        parts = [write_items(args.out, args.seed, r, args.size) for r in ranges]
+        parts = [write_items(args.out, args.seed, r, args.size, emphasis) for r in ranges]
     records = [r for part in parts for r in part]
     path = write_metadata(args.out, records)
     logger.info("wrote %d pictures and %s in %.1f s", len(records), path, time.time() - began)

@@ -2,6 +2,8 @@
 
     python scripts/train_default_model.py                       # CPU: about 3 h 15 min on 2 cores
     python scripts/train_default_model.py --device cuda --threads 0
+    python scripts/train_default_model.py --polish models/ldm/sd-shapes --out /tmp/polished   # short fine-tuning
+    python scripts/train_default_model.py --tune_decoder models/ldm/sd-shapes --out /tmp/tuned  # decoder only
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
 latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
@@ -21,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ldm.default_model.recipe import Recipe, run  # noqa: E402
+from ldm.default_model.decoder_tune import DecoderTuning, tune_exported_decoder  # noqa: E402
+from ldm.default_model.recipe import Polish, Recipe, polish_model, run  # noqa: E402
 
 logger = logging.getLogger("train_default_model")
 
@@ -50,6 +53,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "0 leaves torch's default)")
     p.add_argument("--sequential", action="store_true", help="train CLIP and the autoencoder one after the other")
     p.add_argument("--seed", type=int, default=d.seed)
+    q = Polish(model_dir=Path("."))
+    p.add_argument("--polish", type=Path, metavar="MODEL_DIR",
+                   help="instead of training from nothing, fine-tune this exported model (min-SNR, ldm-finetune.yaml) "
+                        "on plain + emphasised pictures encoded by its own autoencoder, and export to --out")
+    p.add_argument("--polish_steps", type=int, default=q.steps, help=f"steps of that fine-tuning ({q.steps})")
+    p.add_argument("--plain_images", type=int, default=q.plain_images,
+                   help=f"plain training pictures in it ({q.plain_images})")
+    p.add_argument("--emphasis_images", type=int, default=q.emphasis_images,
+                   help=f"emphasised pictures in it ({q.emphasis_images})")
+    p.add_argument("--emphasis", default=q.emphasis, help=f"their shape/colour weights ({q.emphasis})")
+    p.add_argument("--polish_lr", type=float, default=None, help="base learning rate (default: the config's)")
+    t = DecoderTuning()
+    p.add_argument("--tune_decoder", type=Path, metavar="MODEL_DIR",
+                   help="instead, fine-tune only the decoder of this exported model (encoder, UNet, text encoder "
+                        "unchanged; L1 on whole pictures) and export to --out")
+    p.add_argument("--decoder_steps", type=int, default=t.steps, help=f"steps of that ({t.steps})")
+    p.add_argument("--decoder_batch", type=int, default=t.batch_size, help=f"its batch size ({t.batch_size})")
+    p.add_argument("--decoder_lr", type=float, default=t.learning_rate, help=f"its learning rate ({t.learning_rate})")
     return p.parse_args(argv)
 
 
@@ -61,7 +82,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
                     unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps), unet_procs=args.unet_procs,
                     device=args.device, threads=args.threads, parallel=not args.sequential, seed=args.seed)
-    timings = run(recipe)
+    for start in (args.polish, args.tune_decoder):
+        if start is not None and Path(start).resolve() == recipe.out_dir:
+            raise SystemExit("choose an --out other than the model being fine-tuned (measure it first)")
+    if args.tune_decoder is not None:
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        cfg = DecoderTuning(steps=args.decoder_steps, batch_size=args.decoder_batch, learning_rate=args.decoder_lr)
+        logger.info("decoder written to %s", tune_exported_decoder(args.tune_decoder, recipe.out_dir, cfg, args.device))
+        return 0
+    if args.polish is not None:
+        timings = polish_model(recipe, Polish(
+            model_dir=Path(args.polish).resolve(), steps=args.polish_steps, plain_images=args.plain_images,
+            emphasis_images=args.emphasis_images, emphasis=args.emphasis, learning_rate=args.polish_lr))
+    else:
+        timings = run(recipe)
     logger.info("default model written to %s; seconds per stage: %s", recipe.out_dir, json.dumps(timings))
     return 0
 

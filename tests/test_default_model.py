@@ -211,3 +211,78 @@ def test_recipe_finetuning_rounds_chain_the_ema_weights(tmp_path, monkeypatch):
     r.finetune_steps = (0,)
     with pytest.raises(ValueError, match="positive"):
         rec.finetune_diffusion(r, tmp_path / "latents.safetensors", first, 0.25)
+
+
+def test_decoder_tuning_changes_only_the_decoder():
+    from ldm.default_model.decoder_tune import DecoderTuning, tune_decoder
+    from ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(**TINY_AE)
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    losses = tune_decoder(ae, DecoderTuning(steps=6, batch_size=2, warmup=1, log_every=3, size=32, learning_rate=1e-3))
+    after = ae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert any(k.startswith("decoder.") for k in changed) and len(losses) == 2
+
+
+def test_emphasis_weights_the_drawn_combinations():
+    from collections import Counter
+
+    from ldm.data.synthetic_shapes import SyntheticShapes, combination_of, parse_emphasis
+
+    weights = parse_emphasis("triangle=3, red=2")
+    assert weights == {"triangle": 3.0, "red": 2.0} and parse_emphasis(None) == {}
+    drawn = [combination_of(4, i, weights) for i in range(3000)]
+    shapes, colours = Counter(c[1] for c in drawn), Counter(c[0] for c in drawn)
+    assert 2.4 < shapes["triangle"] / shapes["circle"] < 3.6 and 1.6 < colours["red"] / colours["blue"] < 2.4
+    assert drawn[:50] == [combination_of(4, i, weights) for i in range(50)]  # a pure function of (seed, index)
+    assert [combination_of(4, i) for i in range(224)] != drawn[:224]  # no emphasis: the plain cycle, unchanged
+    data = SyntheticShapes(size=32, length=4, seed=4, emphasis="triangle=3,red=2")
+    scenes = list(data.scenes())
+    assert [(s.colour, s.shape, s.background) for s in scenes] == drawn[:4]
+    assert [data[i]["txt"] for i in range(4)] == [s.caption for s in scenes]
+    for bad in ("hexagon=2", "red", "red=0"):
+        with pytest.raises(ValueError):
+            parse_emphasis(bad)
+
+
+def test_evaluate_decodes_only_latents_saved_with_the_same_options(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "latents.safetensors"
+    args = script.parse_args(["--seeds", "1", "--steps", "20", "--limit", "3", "--from_latents", str(path)])
+    save_file({"latents": torch.zeros(3, 4, 32, 32)}, str(path), metadata=script.latent_stamp(args))
+    assert script.saved_latents(args, 3).shape == (3, 4, 32, 32)
+    with pytest.raises(SystemExit, match="not with these options"):
+        script.saved_latents(script.parse_args(["--seeds", "1", "--steps", "50", "--limit", "3",
+                                                "--from_latents", str(path)]), 3)
+    with pytest.raises(SystemExit, match="3 latents"):
+        script.saved_latents(args, 4)
+
+
+def test_polishing_fine_tunes_the_exported_model_on_its_own_latents(tmp_path, monkeypatch):
+    from ldm.default_model import export as exp
+    from ldm.default_model import recipe as rec
+
+    calls = []
+    monkeypatch.setattr(rec, "polish_cache", lambda r, p: (tmp_path / "polish-latents.safetensors", 0.7))
+    monkeypatch.setattr(rec, "_trainer_run", lambda r, name, base, overrides, procs=1:
+                        calls.append((name, base, overrides)) or tmp_path / name / "checkpoints")
+    monkeypatch.setattr(exp, "export_model", lambda ema, cfg, out: calls.append((ema, cfg, out)))
+    r = rec.Recipe(workdir=tmp_path / "work", out_dir=tmp_path / "out")
+    p = rec.Polish(model_dir=MODEL_DIR, steps=300, learning_rate=1e-5)
+    timings = rec.polish_model(r, p)
+    (name, base, overrides), (ema, cfg, out) = calls
+    assert name == "polish" and [b.name for b in base] == ["ldm-train.yaml", "ldm-finetune.yaml"]
+    assert f"model.params.ckpt_path={MODEL_DIR / 'model.safetensors'}" in overrides
+    assert "trainer.max_steps=300" in overrides and "model.base_learning_rate=1e-05" in overrides
+    assert ema == tmp_path / "polish" / "checkpoints" / "last-ema.safetensors" and out == r.out_dir
+    assert cfg.model.params.scale_factor == 0.7 and cfg.model.params.use_ema is False
+    assert (r.out_dir / "clip_visual.safetensors").exists() and "total" in timings

@@ -107,17 +107,41 @@ class ShapeScene:
         return plain_caption(self.colour, self.shape, self.background)
 
 
-def combination_of(seed: int, index: int) -> tuple[str, str, str]:
-    """The (colour, shape, background) of item ``index``: each block of 224 items holds every combination once."""
+def parse_emphasis(text: str | None) -> dict[str, float]:
+    """``"triangle=3,red=2"`` -> ``{"triangle": 3.0, "red": 2.0}``: sampling weights of shapes / foreground
+    colours (see ``combination_of``); None or "" -> {}."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = part.partition("=")
+        if name not in SHAPES and name not in COLOURS or not value:
+            raise ValueError(f"emphasis '{part}': expected NAME=WEIGHT with NAME a shape {SHAPES} or a colour "
+                             f"{tuple(COLOURS)}")
+        weights[name] = float(value)
+        if weights[name] <= 0:
+            raise ValueError(f"emphasis '{part}': the weight must be positive")
+    return weights
+
+
+def combination_of(seed: int, index: int, emphasis: dict[str, float] | None = None) -> tuple[str, str, str]:
+    """The (colour, shape, background) of item ``index``: each block of 224 items holds every combination once.
+
+    With ``emphasis`` (weights of shapes and foreground colours, default 1) the combinations are drawn
+    independently instead, each with probability proportional to its shape's weight x its colour's weight."""
     combos = combinations()
+    if emphasis:
+        weights = np.asarray([emphasis.get(c, 1.0) * emphasis.get(s, 1.0) for c, s, _ in combos])
+        pick = np.random.default_rng([int(seed), 0xE3F, int(index)]).choice(len(combos), p=weights / weights.sum())
+        return combos[int(pick)]
     block, offset = divmod(int(index), len(combos))
     order = np.random.default_rng([int(seed), 0x5EED, block]).permutation(len(combos))
     return combos[int(order[offset])]
 
 
-def make_scene(seed: int, index: int, combination: tuple[str, str, str] | None = None) -> ShapeScene:
-    """The scene of item ``index`` of the data set with this ``seed`` (``combination`` overrides the cycle)."""
-    colour, shape, background = combination or combination_of(seed, index)
+def make_scene(seed: int, index: int, combination: tuple[str, str, str] | None = None,
+               emphasis: dict[str, float] | None = None) -> ShapeScene:
+    """The scene of item ``index`` of the data set with this ``seed`` (``combination`` overrides the cycle,
+    ``emphasis`` weights it: see ``combination_of``)."""
+    colour, shape, background = combination or combination_of(seed, index, emphasis)
     if colour == background or colour not in COLOURS or background not in COLOURS or shape not in SHAPES:
         raise ValueError(f"invalid combination {(colour, shape, background)}: colours from {list(COLOURS)}, "
                          f"shapes from {SHAPES}, foreground != background")
@@ -176,9 +200,10 @@ def render_scene(scene: ShapeScene, size: int = 256, supersample: int = 4) -> Im
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
-def render_item(seed: int, index: int, size: int = 256) -> tuple[Image.Image, ShapeScene]:
-    """Picture and scene of item ``index`` of the data set with this ``seed``."""
-    scene = make_scene(seed, index)
+def render_item(seed: int, index: int, size: int = 256,
+                emphasis: dict[str, float] | None = None) -> tuple[Image.Image, ShapeScene]:
+    """Picture and scene of item ``index`` of the data set with this ``seed`` (and ``emphasis``)."""
+    scene = make_scene(seed, index, emphasis=emphasis)
     return render_scene(scene, size), scene
 
 
@@ -187,13 +212,14 @@ def scene_record(file_name: str, scene: ShapeScene) -> dict[str, Any]:
     return {"file_name": file_name, "caption": scene.caption, "plain_caption": scene.plain_caption, **asdict(scene)}
 
 
-def write_items(root: str | Path, seed: int, indices: range, size: int = 256) -> list[dict[str, Any]]:
+def write_items(root: str | Path, seed: int, indices: range, size: int = 256,
+                emphasis: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Write items ``indices`` as ``root/NNNNNNN.png``; returns their metadata records (captions go there)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     records = []
     for index in indices:
-        image, scene = render_item(seed, index, size)
+        image, scene = render_item(seed, index, size, emphasis)
         name = f"{index:07d}.png"
         image.save(root / name, compress_level=1)
         records.append(scene_record(name, scene))
@@ -219,17 +245,20 @@ class SyntheticShapes(Dataset):
 
     Indexing accepts ``i`` or ``(i, seed)`` (the trainer's sampler form). ``crop``: return a random
     ``crop`` x ``crop`` window of the ``size`` picture (for convolutional autoencoders), placed by the
-    per-sample seed (or by the index when none is given).
+    per-sample seed (or by the index when none is given). ``emphasis`` (``"triangle=3,red=2"`` or a dict) draws
+    the combinations with those weights instead of cycling through them (``combination_of``).
     """
 
     def __init__(self, size: int = 256, length: int = 10_000, seed: int = 0, image_key: str = "jpg",
-                 caption_key: str = "txt", offset: int = 0, crop: int | None = None) -> None:
+                 caption_key: str = "txt", offset: int = 0, crop: int | None = None,
+                 emphasis: str | dict[str, float] | None = None) -> None:
         if length < 1 or size < 8:
             raise ValueError(f"SyntheticShapes needs length >= 1 and size >= 8, got length={length}, size={size}")
         if crop is not None and not 0 < crop <= size:
             raise ValueError(f"crop must lie in [1, size={size}], got {crop}")
         self.size, self.length, self.seed, self.offset = int(size), int(length), int(seed), int(offset)
         self.image_key, self.caption_key, self.crop = image_key, caption_key, crop
+        self.emphasis = parse_emphasis(emphasis) if isinstance(emphasis, str) else dict(emphasis or {})
 
     def __len__(self) -> int:
         return self.length
@@ -238,7 +267,7 @@ class SyntheticShapes(Dataset):
         index, sample_seed = item if isinstance(item, tuple) else (item, item)
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        image, scene = render_item(self.seed, self.offset + index, self.size)
+        image, scene = render_item(self.seed, self.offset + index, self.size, self.emphasis)
         if self.crop is not None and self.crop < self.size:
             rng = np.random.default_rng([self.seed, self.offset + index, int(sample_seed) % 2 ** 63])
             left, top = (int(v) for v in rng.integers(0, self.size - self.crop + 1, size=2))
@@ -249,4 +278,4 @@ class SyntheticShapes(Dataset):
     def scenes(self) -> Iterator[ShapeScene]:
         """The scenes of all items, in order (no rendering)."""
         for index in range(self.length):
-            yield make_scene(self.seed, self.offset + index)
+            yield make_scene(self.seed, self.offset + index, emphasis=self.emphasis)
