@@ -139,6 +139,7 @@ class Page:
 @pytest.fixture
 def page(browser, server) -> Page:
     """The page freshly opened (an empty gallery), its choices loaded, its POST bodies recorded."""
+    browser.get_log("browser")  # forget what earlier tests logged
     browser.get(server.url + "/")
     p = Page(browser, server.url)
     deadline = time.time() + 30
@@ -245,6 +246,8 @@ def test_txt2img_shows_progress_preview_and_gallery(page):
         np.testing.assert_array_equal(card_image(card), pixels(image))
     assert card_image(cards[0]).shape == (SIZE, SIZE, 3)
 
+    cards[0].find_element("css selector", ".use-seed").click()
+    assert page.el("seed").get_attribute("value") == "1235"
     page.el("seed-reuse").click()
     assert page.el("seed").get_attribute("value") == "1234"
 
@@ -297,6 +300,21 @@ def test_interrupt_ends_a_long_run_early(page):
     assert page.error() is None
     assert 1 <= len(page.cards()) < 4  # the images it had, not the four batches asked for
     assert not page.el("interrupt").is_enabled()
+
+
+def test_init_image_from_a_file(page, tmp_path):
+    picture = np.zeros((64, 96, 3), np.uint8)
+    picture[:, :48] = (200, 30, 30)
+    Image.fromarray(picture).save(tmp_path / "init.png")
+    page.el("tab-img2img").click()
+    page.el("init-image-file").send_keys(str(tmp_path / "init.png"))
+    deadline = time.time() + 10
+    while page.el("width").get_attribute("value") != "96":
+        assert time.time() < deadline, "the chosen file never became the init image"
+        time.sleep(0.05)
+    assert page.el("height").get_attribute("value") == "64"
+    np.testing.assert_array_equal(pixels(page.el("init-image").get_attribute("src")), picture)
+    assert page.js("const c = document.getElementById('mask-canvas'); return [c.width, c.height]") == [96, 64]
 
 
 def test_send_to_img2img_and_generate(page):

@@ -39,7 +39,8 @@
   }
 
   function postJSON(path, payload) {
-    return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
+    const headers = { "Content-Type": "application/json" };
+    return api(path, { method: "POST", headers, body: JSON.stringify(payload) });
   }
 
   // A readable sentence from an error response: `detail` when it is a sentence, else the server's one-line
@@ -156,12 +157,16 @@
     };
     if (state.mode !== "img2img") return payload;
     const init = $("init-image");
-    if (!init.getAttribute("src")) throw new Error("img2img needs an init image: choose a file or send one from the gallery.");
+    if (!init.getAttribute("src")) {
+      throw new Error("img2img needs an init image: choose a file or send one from the gallery.");
+    }
     payload.init_images = [dataToBase64(init.src)];
     payload.denoising_strength = number("denoising_strength", "Denoising strength", parseFloat);
     if ($("inpaint").checked) {
       const mask = maskBase64();
-      if (!mask) throw new Error("Inpaint is on but the mask is empty: paint over the part to repaint, or switch inpaint off.");
+      if (!mask) {
+        throw new Error("Inpaint is on but the mask is empty: paint over the part to repaint, or switch inpaint off.");
+      }
       payload.mask = mask;
     }
     return payload;
@@ -337,7 +342,8 @@
     const download = document.createElement("a");
     download.className = "download";
     download.href = src;
-    download.download = `ldm-${String(number).padStart(5, "0")}${seed !== undefined && seed !== null ? `-${seed}` : ""}.png`;
+    const seedPart = seed !== undefined && seed !== null ? `-${seed}` : "";
+    download.download = `ldm-${String(number).padStart(5, "0")}${seedPart}.png`;
     download.textContent = "Download";
     actions.append(download);
     caption.append(params, actions);
