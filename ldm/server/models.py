@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,17 +22,21 @@ class Checkpoint:
     filename: Path
     ckpt: Optional[Path]
     config: Optional[Path]
-    sha256: str
+    sha256: Optional[str] = None  # computed when the model is first loaded (reading a big file takes a while)
 
     @property
-    def short_hash(self) -> str:
-        """The web UI's 10-digit ``Model hash``."""
-        return self.sha256[:10]
+    def short_hash(self) -> Optional[str]:
+        """The web UI's 10-digit ``Model hash`` (None until hashed)."""
+        return self.sha256[:10] if self.sha256 else None
 
     @property
     def title(self) -> str:
-        """``name [hash]``, the web UI's checkpoint title (what ``sd_model_checkpoint`` holds)."""
-        return f"{self.name} [{self.short_hash}]"
+        """``name [hash]`` (just ``name`` until hashed), the web UI's title (what ``sd_model_checkpoint`` holds)."""
+        return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
+
+    def hashed(self) -> "Checkpoint":
+        """This entry with its sha256."""
+        return self if self.sha256 else replace(self, sha256=file_hash(self.filename, 64))
 
     def as_json(self) -> dict[str, Any]:
         """The web UI's ``/sd-models`` entry."""
@@ -42,14 +46,15 @@ class Checkpoint:
     def matches(self, text: str) -> bool:
         """True when ``text`` names this checkpoint by title, name, file name or hash."""
         text = text.strip()
-        return text in (self.title, self.name, self.filename.name, self.short_hash, self.sha256) or (
+        return text in (self.title, self.name, self.filename.name, self.short_hash or self.name,
+                        self.sha256 or self.name) or (
             Path(text).stem == Path(self.name).stem and bool(text))
 
 
 def default_checkpoint(default_dir: Optional[Path] = None) -> Checkpoint:
     """The shipped default model as a catalogue entry."""
     source = loading.default_model_source(default_dir)
-    return Checkpoint(source.name, source.ckpt_path, None, None, file_hash(source.ckpt_path, 64))
+    return Checkpoint(source.name, source.ckpt_path, None, None)
 
 
 def find_checkpoints(folders: Sequence[Path]) -> list[Checkpoint]:
@@ -63,8 +68,7 @@ def find_checkpoints(folders: Sequence[Path]) -> list[Checkpoint]:
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
                 config = path.with_suffix(".yaml")
-                found.append(Checkpoint(path.name, path, path, config if config.is_file() else None,
-                                        file_hash(path, 64)))
+                found.append(Checkpoint(path.name, path, path, config if config.is_file() else None))
     return found
 
 

@@ -36,6 +36,11 @@ class ServerConfig:
     auth: Optional[str] = None  # "user:pass"
 
 
+def _same(a: Path, b: Path) -> bool:
+    """True when two paths name the same file."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 class Service:
     """The model (loaded once; switched through the queue), the checkpoints it may switch to, the queue."""
 
@@ -53,19 +58,24 @@ class Service:
         self.queue.stop()
 
     def _catalogue(self) -> list[Checkpoint]:
-        entries = [default_checkpoint()] + find_checkpoints(list(self.cfg.ckpt_dirs))
-        if self.cfg.ckpt is not None and not any(c.filename == self.cfg.ckpt for c in entries):
-            from ldm.inference.metadata import file_hash
-
-            entries.append(Checkpoint(self.cfg.ckpt.name, self.cfg.ckpt, self.cfg.ckpt, self.cfg.config,
-                                      file_hash(self.cfg.ckpt, 64)))
+        entries = find_checkpoints(list(self.cfg.ckpt_dirs))
+        try:
+            entries.insert(0, default_checkpoint())
+        except UsageError:  # the default model's files are gone; --ckpt serves
+            pass
+        if self.cfg.ckpt is not None and not any(_same(c.filename, self.cfg.ckpt) for c in entries):
+            entries.append(Checkpoint(self.cfg.ckpt.name, self.cfg.ckpt, self.cfg.ckpt, self.cfg.config))
         return entries
 
     def _matching(self, path: Path) -> Checkpoint:
-        for entry in self.checkpoints:
-            if Path(entry.filename).resolve() == Path(path).resolve():
-                return entry
-        return self.checkpoints[0]
+        """The catalogue entry of the loaded file, hashed (and so titled ``name [hash]``)."""
+        for index, entry in enumerate(self.checkpoints):
+            if _same(entry.filename, path):
+                self.checkpoints[index] = entry.hashed()
+                return self.checkpoints[index]
+        entry = Checkpoint(Path(path).name, Path(path), Path(path), None).hashed()
+        self.checkpoints.append(entry)
+        return entry
 
     def find(self, text: str) -> Checkpoint:
         """The catalogue entry ``text`` names; UsageError listing the titles otherwise."""
@@ -77,13 +87,14 @@ class Service:
 
     def switch(self, entry: Checkpoint) -> None:
         """Load ``entry`` instead of the current model (on the worker, between jobs)."""
-        if entry == self.current:
+        if _same(entry.filename, self.current.filename):
             return
         logger.info("loading %s", entry.title)
-        loaded = Generator.load(entry.ckpt, entry.config, device=self.generator.loaded.device,
+        loaded = Generator.load(entry.ckpt, entry.config, vae=self.cfg.vae, device=self.generator.loaded.device,
                                 precision=self.cfg.precision, loras=self.cfg.loras)
         self.generator.close()
-        self.generator, self.current = loaded, entry
+        self.generator = loaded
+        self.current = self._matching(entry.filename)
 
     def generate(self, job: Job, request: Request, mode: str, save: bool) -> Result:
         """Run a request on the worker, reporting progress (and previews) into ``job``; save when asked."""
