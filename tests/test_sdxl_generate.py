@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm import samplers
-from ldm.inference import sdxl
+from ldm.inference import sdxl, sdxl_session
 from ldm.inference.errors import UsageError
 from ldm.samplers.run import run_schedule
 
@@ -120,12 +120,12 @@ def base_engine(tiny) -> torch.nn.Module:
     return build(*tiny["base"])
 
 
-def _settings(mode: str = "txt2img", steps: int = 4, sampler: str | None = None, **kw) -> sdxl.SdxlSettings:
+def _settings(mode: str = "txt2img", steps: int = 4, sampler: str | None = None, **kw) -> sdxl_session.SdxlSettings:
     name, schedule = sdxl.default_options(sampler, None)
     defaults = dict(negative_prompt="", steps=steps, sampler=samplers.resolve(name, schedule), scale=5.0,
                     width=32, height=32)
     defaults.update(kw)
-    return sdxl.SdxlSettings(mode, **defaults)
+    return sdxl_session.SdxlSettings(mode, **defaults)
 
 
 def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -217,7 +217,7 @@ def test_default_sampling_reproduces_the_reference_case():
 # --- sampling on tiny random-weight checkpoints ----------------------------------------------------------------
 
 def test_txt2img_latents_depend_on_each_seed_only(base_engine):
-    session = sdxl.SdxlSession(base_engine, _settings(), "cpu", channels=4, factor=2)
+    session = sdxl_session.SdxlSession(base_engine, _settings(), "cpu", channels=4, factor=2)
     assert session.steps_per_image == 4
     two = session.latents(["a cat", "a cat"], _gens(2, seed=7))
     one = session.latents(["a cat"], _gens(1, seed=8))
@@ -229,7 +229,7 @@ def test_txt2img_latents_depend_on_each_seed_only(base_engine):
 
 @pytest.mark.parametrize("name", [s.name for s in samplers.SAMPLERS])
 def test_every_registry_sampler_runs(base_engine, name):
-    session = sdxl.SdxlSession(base_engine, _settings(steps=3, sampler=name), "cpu", channels=4, factor=2)
+    session = sdxl_session.SdxlSession(base_engine, _settings(steps=3, sampler=name), "cpu", channels=4, factor=2)
     z = session.latents(["a red circle"], _gens(1))
     assert z.shape == (1, 4, 16, 16) and torch.isfinite(z).all() and z.abs().max() > 0
 
@@ -244,16 +244,16 @@ def test_negative_prompt_is_encoded_and_empty_one_zeroed(base_engine):
 
 def test_img2img_strength_zero_keeps_the_latents_and_one_is_txt2img(base_engine):
     image = torch.rand(1, 3, 32, 32) * 2 - 1
-    keep = sdxl.SdxlSession(base_engine, _settings("img2img", strength=0.0), "cpu", 4, 2, init_image=image)
+    keep = sdxl_session.SdxlSession(base_engine, _settings("img2img", strength=0.0), "cpu", 4, 2, init_image=image)
     mean, _ = keep.posterior
     assert keep.steps_per_image == 0
     assert torch.allclose(keep.latents(["x"], _gens(1)), base_engine.scale_factor * mean)
-    half = sdxl.SdxlSession(base_engine, _settings("img2img", steps=4, strength=0.5), "cpu", 4, 2, init_image=image)
+    half = sdxl_session.SdxlSession(base_engine, _settings("img2img", steps=4, strength=0.5), "cpu", 4, 2, init_image=image)
     assert half.steps_per_image == 3  # the web UI's convention: int(0.5 * 4) + 1 levels
     z = half.latents(["x"], _gens(1))
     assert torch.isfinite(z).all()
-    full = sdxl.SdxlSession(base_engine, _settings("img2img", strength=1.0), "cpu", 4, 2, init_image=image)
-    txt = sdxl.SdxlSession(base_engine, _settings(), "cpu", 4, 2)
+    full = sdxl_session.SdxlSession(base_engine, _settings("img2img", strength=1.0), "cpu", 4, 2, init_image=image)
+    txt = sdxl_session.SdxlSession(base_engine, _settings(), "cpu", 4, 2)
     assert torch.allclose(full.latents(["x"], _gens(1)), txt.latents(["x"], _gens(1)), atol=1e-5)
 
 
@@ -280,7 +280,7 @@ def test_refiner_continues_from_the_base_latents(tiny, base_engine):
         loaded.append(True)
         return refiner
     s = _settings(steps=10, options=sdxl.SdxlOptions(refiner_switch=0.8))
-    session = sdxl.SdxlSession(base_engine, s, "cpu", 4, 2, load_refiner=load)
+    session = sdxl_session.SdxlSession(base_engine, s, "cpu", 4, 2, load_refiner=load)
     seen = []
     z = session.latents(["a cat"], _gens(1), callback=lambda info: seen.append((info.i, info.total)))
     base_engine.denoiser.forward = base_calls.inner

@@ -1,5 +1,6 @@
 """SDXL generation (Stability-AI's ``sgm`` ``DiffusionEngine``, base and refiner): the conditioning batch, guided
-sampling through :mod:`ldm.samplers`, img2img, the refiner hand-off and decoding in float32.
+sampling through :mod:`ldm.samplers`, img2img, the refiner hand-off's schedule split and decoding in float32 (a
+request's session and the API hooks: :mod:`ldm.inference.sdxl_session`).
 
 Conventions of the original (``sgm.inference.helpers.get_batch``): ``original_size_as_tuple`` and
 ``target_size_as_tuple`` are (height, width), ``crop_coords_top_left`` is (top, left), all int64 [B, 2]; the
@@ -11,7 +12,6 @@ unconditional half first, sigma quantised by the model's denoiser.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import math
@@ -25,7 +25,7 @@ from ldm import samplers
 from ldm.inference.errors import UsageError
 from ldm.models.diffusion.guidance import concat_conditioning
 from ldm.samplers.noise import draw
-from ldm.samplers.run import img2img_sigmas, run_schedule
+from ldm.samplers.run import img2img_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -302,111 +302,3 @@ def decode(engine: Any, latents: torch.Tensor, reduced: bool, vae_given: bool) -
 
     check_finite(x, "the decoded images", reduced=False)
     return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
-
-
-def check_refiner(path: Path, allow_unsafe: bool = False) -> tuple[Any, Any]:
-    """(source, config) of ``--refiner`` (a file's keys or its sidecar yaml); UsageError unless it is an SDXL
-    refiner. Reads no weights."""
-    from ldm.inference import loading
-
-    source = loading.resolve_source(path, None)
-    config = loading.read_config(source.config_path, allow_unsafe=allow_unsafe)
-    if not (is_sdxl_config(config) and is_refiner_config(config)):
-        kind = "an SDXL base model" if is_sdxl_config(config) else "not an SDXL model"
-        raise UsageError(f"--refiner '{path}' is {kind}; --refiner takes an SDXL refiner checkpoint "
-                         f"(e.g. sd_xl_refiner_1.0.safetensors)")
-    return source, config
-
-
-@dataclass(frozen=True)
-class SdxlSettings:
-    """What an SDXL request samples: mode, prompts' shared settings and the SDXL options."""
-
-    mode: str  # txt2img or img2img
-    negative_prompt: str
-    steps: int
-    sampler: samplers.SamplerChoice
-    scale: float
-    width: int
-    height: int
-    eta: Optional[float] = None
-    strength: float = 1.0
-    options: SdxlOptions = SdxlOptions()
-
-
-class SdxlSession:
-    """One SDXL request on a loaded base engine: encoded init image, sampling per job and the refiner hand-off.
-
-    The refiner is loaded at the first hand-off and released by :meth:`close`; on an accelerator the model that
-    is not sampling waits on the CPU, so only one of the two occupies the device at a time.
-    """
-
-    def __init__(self, engine: Any, s: SdxlSettings, device: str, channels: int, factor: int,
-                 init_image: Optional[torch.Tensor] = None, vae: Optional[Path] = None,
-                 load_refiner: Optional[Callable[[], Any]] = None) -> None:
-        self.base, self.s, self.device, self.vae = engine, s, device, vae
-        self.shape = (channels, s.height // factor, s.width // factor)
-        self.load_refiner, self.refiner, self.active = load_refiner, None, engine
-        self.posterior = encode(engine, init_image) if s.mode == "img2img" and init_image is not None else None
-        strength = s.strength if s.mode == "img2img" else None
-        self.sigmas = schedule(engine, s.sampler, s.steps, strength)
-        self.parts = split(self.sigmas, s.options.refiner_switch) if load_refiner else (self.sigmas,)
-        self.steps_per_image = len(self.sigmas) - 1 if not (s.mode == "img2img" and s.strength <= 0) else 0
-
-    def _use(self, engine: Any) -> Any:
-        """Make ``engine`` the one on the device (the other one waits on the CPU)."""
-        if engine is not self.active and torch.device(self.device).type != "cpu":
-            free(self.active)
-            engine.to(self.device)
-        self.active = engine
-        return engine
-
-    def _refiner(self) -> Any:
-        if self.refiner is None:
-            if torch.device(self.device).type != "cpu":
-                free(self.base)
-            self.refiner = self.load_refiner()
-            self.active = self.refiner
-        return self._use(self.refiner)
-
-    def _run(self, engine: Any, prompts: Sequence[str], x: torch.Tensor, sigmas: torch.Tensor,
-             gens: Sequence[torch.Generator], callback: Any) -> torch.Tensor:
-        s = self.s
-        c, uc = conditioning(engine, prompts, s.negative_prompt, s.width, s.height, s.options)
-        guided = EngineDenoiser(engine, uc, s.scale)
-        return run_schedule(s.sampler, guided.bind(c), x, sigmas, s.eta, list(gens), callback)
-
-    @torch.no_grad()
-    def latents(self, prompts: Sequence[str], gens: Sequence[torch.Generator], callback: Any = None
-                ) -> torch.Tensor:
-        """Sampled latents [B, C, h, w] of B prompts, one generator per image (first draw: its noise)."""
-        s = self.s
-        img2img = s.mode == "img2img" and s.strength < 1
-        if s.mode == "img2img" and s.strength <= 0:
-            return self.base.scale_factor * self.posterior[0].expand(len(prompts), *self.shape)
-        x = start(self.posterior, self.base.scale_factor, self.sigmas, gens, self.shape, self.device,
-                  vp_start(s.sampler) and not img2img, img2img)
-        x = self._run(self._use(self.base), prompts, x, self.parts[0], gens, self._counted(callback, 0))
-        if len(self.parts) > 1:
-            done = len(self.parts[0]) - 1
-            x = self._run(self._refiner(), prompts, x, self.parts[1], gens, self._counted(callback, done))
-        return finish(x, self.sigmas)
-
-    def _counted(self, callback: Any, offset: int) -> Any:
-        """``callback`` with the steps of a part counted among all steps of the image."""
-        if callback is None or len(self.parts) == 1:
-            return callback
-        return lambda info: callback(dataclasses.replace(info, i=info.i + offset, total=self.steps_per_image))
-
-    def images(self, latents: torch.Tensor, reduced: bool) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] decoded by the model now on the device."""
-        return decode(self.active, latents, reduced, self.vae is not None)
-
-    def close(self) -> None:
-        """Release the refiner; the base engine goes back to the device."""
-        if self.refiner is not None:
-            free(self.refiner)
-            self.refiner = None
-            if torch.device(self.device).type != "cpu":
-                self.base.to(self.device)
-            self.active = self.base
