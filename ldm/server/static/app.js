@@ -8,6 +8,7 @@
   const PREVIEW_EVERY = 4;   // the preview image (large) on every 4th poll only, from the 2nd
   const MASK_COLOUR = "#ffffff";   // shown through mix-blend-mode: difference, visible on any image
   const PNG_PREFIX = "data:image/png;base64,";
+  const NARROW = window.matchMedia("(max-width: 820px)");   // style.css's one-column layout
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -189,6 +190,7 @@
     setBusy(true);
     $("progress-bar").value = 0;
     setStatus("Starting…");
+    if (NARROW.matches) $("progress-bar").scrollIntoView({ block: "start", behavior: "smooth" });  // one column
     pollProgress(run, payload.n_iter);
     try {
       const result = await postJSON(`/${state.mode}`, payload);
