@@ -39,8 +39,12 @@ IGNORABLE_UNEXPECTED = (
     *EMA_SCALARS,
     # open_clip's causal mask: non-persistent in open_clip, but a few converted files saved it.
     "cond_stage_model.model.attn_mask",
+    # the same mask in SDXL files (OpenCLIP-bigG is embedder 1 of the base, 0 of the refiner)
+    "conditioner.embedders.0.model.attn_mask", "conditioner.embedders.1.model.attn_mask",
 )
-IGNORABLE_MISSING = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+IGNORABLE_MISSING = ("cond_stage_model.transformer.text_model.embeddings.position_ids",
+                     # SDXL files may lack these buffers; the model fills them when loading (load pre-hooks)
+                     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids", "denoiser.sigmas")
 # Training-only weights of a diffusion model that the YAML ``ckpt_path`` route may find absent or unused (as the
 # original did): the first stage's losses (discriminator, LPIPS) and the learned loss weighting ``logvar``.
 TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", "logvar")

@@ -91,7 +91,7 @@ class DiscreteDenoiser(nn.Module):
     one buffer ``sigmas`` [num_idx], ascending, float32).
 
     ``sigmas`` stays float32 when the module is cast (``.half()``): in float16 neighbouring sigmas would collide.
-    A checkpoint's ``sigmas`` that equal the schedule's up to float16 rounding are replaced by the exact values.
+    A file without ``sigmas`` gets the schedule's; a float16/bfloat16 copy of them is replaced by the float32 values.
     """
 
     def __init__(self, scaling_config: Mapping[str, Any], num_idx: int, discretization_config: Mapping[str, Any],
@@ -112,15 +112,15 @@ class DiscreteDenoiser(nn.Module):
         return torch.as_tensor(self.discretization.alphas_cumprod, dtype=torch.float64)
 
     def _check_loaded_sigmas(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Load pre-hook: supply ``sigmas`` when absent; exact values when the file's are a rounded copy."""
+        """Load pre-hook: supply ``sigmas`` when absent; float32 values when the file's are a rounded copy."""
         key = prefix + "sigmas"
         given = state_dict.get(key)
         exact = self._exact_sigmas
         if given is None:
             state_dict[key] = exact.clone()
             return
-        if given.is_meta or given.shape != exact.shape:
-            return
+        if given.is_meta or given.shape != exact.shape or not given.is_floating_point() or given.element_size() >= 4:
+            return  # a float32 table is used as saved (as the original does)
         if torch.allclose(given.detach().to("cpu", torch.float32), exact, rtol=1e-3, atol=0.0):
             state_dict[key] = exact.clone()
         else:
