@@ -14,12 +14,12 @@ from ldm import samplers
 from ldm.api.model import LoadedModel
 from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
 from ldm.inference import inpaint, limits, pipeline
+from ldm.inference.args import MAX_ETA, MAX_SCALE
 from ldm.inference.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2 ** 63
-MAX_SCALE = 50.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ def _check_numbers(m: LoadedModel, r: Request) -> None:
     if not math.isfinite(r.cfg_scale) or abs(r.cfg_scale) > MAX_SCALE:
         raise UsageError(f"cfg_scale must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g}, "
                          f"got {r.cfg_scale}")
-    if r.eta is not None and not 0.0 <= r.eta <= 1.0:
-        raise UsageError(f"eta must be between 0 and 1, got {r.eta}")
+    if r.eta is not None and not 0.0 <= r.eta <= MAX_ETA:
+        raise UsageError(f"eta must be between 0 and {MAX_ETA:g}, got {r.eta}")
     if r.strength is not None and not 0.0 <= r.strength <= 1.0:
         raise UsageError(f"strength (denoising_strength) must be between 0 and 1, got {r.strength}")
     if r.seed is not None and not 0 <= r.seed < MAX_SEED:
