@@ -234,3 +234,27 @@ def test_serve_refuses_an_open_address_without_auth(capsys, tmp_path):
     assert check_args(parse([])) == "127.0.0.1" and check_args(parse(["--host", "::1"])) == "::1"
     assert check_args(parse(["--listen", "--api-auth", "u:p"])) == "0.0.0.0"
     assert check_args(parse(["--listen", "--insecure"])) == "0.0.0.0"
+
+
+def test_queue_order_withdraw_full_and_failures():
+    from ldm.server.queue import JobQueue, QueueFull
+
+    queue, gate, order = JobQueue(max_pending=2), threading.Event(), []
+    queue.start()
+    try:
+        first = queue.submit("a", lambda job: (gate.wait(10), order.append("a")))
+        while queue.current is None:
+            time.sleep(0.01)
+        second = queue.submit("b", lambda job: order.append("b"))
+        third = queue.submit("c", lambda job: order.append("c"))
+        with pytest.raises(QueueFull, match="--max_queue"):
+            queue.submit("d", lambda job: order.append("d"))
+        queue.withdraw(second)
+        gate.set()
+        third.future.result(10)
+        assert order == ["a", "c"] and second.future.cancelled() and first.future.done()
+        failing = queue.submit("e", lambda job: 1 / 0)
+        assert isinstance(failing.future.exception(10), ZeroDivisionError)
+        assert queue.submit("f", lambda job: 42).future.result(10) == 42  # the worker goes on
+    finally:
+        queue.stop()

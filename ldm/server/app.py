@@ -21,7 +21,7 @@ from ldm.samplers.schedules import SCHEDULE_LABELS, USER_SCHEDULES
 from ldm.server import images as b64
 from ldm.server.auth import BasicAuth, UploadLimit
 from ldm.server.models import find_loras
-from ldm.server.queue import Job
+from ldm.server.queue import Job, QueueFull
 from ldm.server.schemas import GenerationBody, Img2ImgBody, OptionsBody, PngInfoBody, Txt2ImgBody
 from ldm.server.service import Service
 
@@ -58,6 +58,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{type(exc).__name__}: {exc}"
         return JSONResponse({"detail": message, "error": type(exc).__name__, "message": message}, 500)
 
+    @app.exception_handler(QueueFull)
+    async def full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "error": "QueueFull", "message": str(exc)}, 503)
+
     @app.exception_handler(CheckpointError)
     async def checkpoint(request: Request, exc: CheckpointError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "error": "CheckpointError", "message": str(exc)}, 422)
@@ -81,7 +85,7 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
         problem = body.check_limits(service.cfg.limits)
         if problem:
             raise UsageError(problem)
-        req, mode = to_request(body), mode_of(body)
+        req, mode = await asyncio.to_thread(to_request, body), mode_of(body)  # decoding uploads off the loop
 
         def work(job: Job) -> tuple[api.Result, list[str]]:
             result = service.generate(job, req, mode, body.save_images)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max_steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
     o.add_argument("--max_batch_size", type=int, default=d.max_batch_size, help=f"default {d.max_batch_size}")
     o.add_argument("--max_n_iter", type=int, default=d.max_n_iter, help=f"default {d.max_n_iter}")
+    o.add_argument("--max_queue", type=int, default=d.max_queue,
+                   help=f"jobs that may wait behind the running one; more are answered 503 (default {d.max_queue})")
     o.add_argument("--max_upload_mb", type=float, default=d.max_upload_bytes / 2 ** 20,
                    help=f"largest request body in MiB (default {d.max_upload_bytes / 2 ** 20:g})")
     return p
@@ -84,7 +86,7 @@ def check_args(ns: argparse.Namespace) -> str:
     if not is_local(host) and ns.api_auth is None and not ns.insecure:
         raise UsageError(f"refusing to listen on {host} without a password: add --api-auth USER:PASSWORD (or "
                          f"--insecure to let anyone on the network use it)")
-    for flag in ("max_pixels", "max_steps", "max_batch_size", "max_n_iter", "max_upload_mb"):
+    for flag in ("max_pixels", "max_steps", "max_batch_size", "max_n_iter", "max_upload_mb", "max_queue"):
         if getattr(ns, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(ns, flag)}")
     return host
@@ -94,7 +96,8 @@ def server_config(ns: argparse.Namespace) -> "ServerConfig":
     """The service settings of parsed flags."""
     from ldm.server.service import ServerConfig
 
-    limits = Limits(ns.max_pixels, ns.max_steps, ns.max_batch_size, ns.max_n_iter, int(ns.max_upload_mb * 2 ** 20))
+    limits = Limits(ns.max_pixels, ns.max_steps, ns.max_batch_size, ns.max_n_iter, int(ns.max_upload_mb * 2 ** 20),
+                    ns.max_queue)
     return ServerConfig(ckpt=ns.ckpt, config=ns.config, vae=ns.vae, loras=tuple(ns.lora or ()), device=ns.device,
                         precision=ns.precision, ckpt_dirs=tuple(ns.ckpt_dir or ()), outdir=ns.outdir,
                         watermark=not ns.no_watermark, preview_interval=ns.preview_every, limits=limits,

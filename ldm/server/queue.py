@@ -33,10 +33,15 @@ class Job:
     preview: Optional[str] = None  # base64 PNG of the current estimate
 
 
-class JobQueue:
-    """Jobs run one at a time, in order, on a worker thread (the device's)."""
+class QueueFull(RuntimeError):
+    """More jobs are waiting than the server accepts."""
 
-    def __init__(self) -> None:
+
+class JobQueue:
+    """Jobs run one at a time, in order, on a worker thread (the device's); at most ``max_pending`` wait."""
+
+    def __init__(self, max_pending: int = 100) -> None:
+        self.max_pending = max_pending
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
@@ -67,6 +72,9 @@ class JobQueue:
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
+            if len(self._pending) >= self.max_pending:
+                raise QueueFull(f"{len(self._pending)} jobs are waiting, as many as this server queues; try again "
+                                f"later (scripts/serve.py --max_queue raises the limit)")
             self._pending.append(job)
             self._cv.notify()
         return job

@@ -20,6 +20,7 @@ class Limits:
     max_batch_size: int = 8
     max_n_iter: int = 16
     max_upload_bytes: int = 32 * 1024 * 1024  # a whole request body
+    max_queue: int = 100  # jobs waiting behind the running one
 
 
 class _Body(BaseModel):

@@ -46,7 +46,7 @@ class Service:
 
     def __init__(self, cfg: ServerConfig, generator: Optional[Generator] = None):
         self.cfg = cfg
-        self.queue = JobQueue()
+        self.queue = JobQueue(cfg.limits.max_queue)
         self.generator = generator or Generator.load(cfg.ckpt, cfg.config, vae=cfg.vae, loras=cfg.loras,
                                                      device=cfg.device, precision=cfg.precision)
         self.checkpoints = self._catalogue()
