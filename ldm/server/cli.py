@@ -113,9 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
         host = check_args(ns)
-        import uvicorn
+        try:
+            import uvicorn
 
-        from ldm.server.app import create_app
+            from ldm.server.app import create_app
+        except ImportError as e:
+            raise UsageError(f"the server needs FastAPI and uvicorn ({e}): pip install -e '.[server]'") from None
         from ldm.server.service import Service
 
         service = Service(server_config(ns))
