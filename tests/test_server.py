@@ -230,6 +230,13 @@ def test_serve_refuses_an_open_address_without_auth(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert err.startswith("serve.py: error: ") and "\n" not in err and "Traceback" not in err
     assert main(["--listen"]) == 2 and "--api-auth" in capsys.readouterr().err
+    import socket as sockets
+
+    with sockets.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["--port", str(taken.getsockname()[1])]) == 2  # before any model is loaded
+        assert "choose another --port" in capsys.readouterr().err
     parse = build_parser().parse_args
     assert check_args(parse([])) == "127.0.0.1" and check_args(parse(["--host", "::1"])) == "::1"
     assert check_args(parse(["--listen", "--api-auth", "u:p"])) == "0.0.0.0"

@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -121,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"the server needs FastAPI and uvicorn ({e}): pip install -e '.[server]'") from None
         from ldm.server.service import Service
 
+        sock = bind(host, ns.port)  # before the model loads: a taken port fails at once
         service = Service(server_config(ns))
     except (UsageError, CheckpointError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
@@ -128,7 +130,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shown = "localhost" if host == LOCAL_HOST else host
     logger.info("serving %s on http://%s:%d/ (API under /sdapi/v1)", service.current.title, shown, ns.port)
     try:
-        uvicorn.run(create_app(service), host=host, port=ns.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning")).run(sockets=[sock])
     finally:
         service.close()
+        sock.close()
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port; UsageError when the address is taken or not this machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}): another server may use the port; "
+                         f"choose another --port") from None
+    return sock
