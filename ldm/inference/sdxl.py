@@ -29,7 +29,7 @@ from ldm.samplers.run import img2img_sigmas
 
 logger = logging.getLogger(__name__)
 
-SDXL = "sdxl"  # the model kind (ldm.api)
+SDXL = "sdxl"  # the model kind (ldm.api.LoadedModel.kind)
 ENGINE_CLASS = "DiffusionEngine"
 DEFAULT_PIXELS = 1024  # SDXL's training size: the default output side
 DEFAULT_SAMPLER = "euler"

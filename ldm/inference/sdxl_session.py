@@ -12,11 +12,16 @@ import torch
 
 from ldm import samplers
 from ldm.inference.errors import UsageError
-from ldm.inference.sdxl import (EngineDenoiser, SdxlOptions, check_role, conditioning, decode, default_options, encode,
-                                finish, free, is_refiner_config, is_sdxl_config, schedule, split, start, vp_start)
+from ldm.inference.sdxl import (SDXL, EngineDenoiser, SdxlOptions, check_role, conditioning, decode,
+                                default_options, encode, finish, free, is_refiner_config, is_sdxl_config, schedule,
+                                split, start, vp_start)
 from ldm.samplers.run import run_schedule
+from ldm.samplers.schedules import USER_SCHEDULES
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["SDXL", "SdxlSession", "SdxlSettings", "check_refiner", "parameters", "plan_options", "refiner_loader",
+           "session_for", "task_latents"]
 
 
 def check_refiner(path: Path, allow_unsafe: bool = False) -> tuple[Any, Any]:
@@ -137,6 +142,7 @@ def plan_options(opts: Any, config: Any, ckpt: Optional[Path]) -> Any:
     """Options of a planned run with an SDXL model: the original's sampler when none was chosen, the role of the
     checkpoint (a refiner is no base) and ``--refiner`` checked; UsageError for what SDXL cannot do here."""
     given = getattr(opts, "sdxl", None)
+    check_fit(config, ckpt)
     if not is_sdxl_config(config):
         if given is not None and given.refiner is not None:
             raise UsageError("--refiner applies to SDXL base models only; this model is not SDXL: drop --refiner")
@@ -147,10 +153,39 @@ def plan_options(opts: Any, config: Any, ckpt: Optional[Path]) -> Any:
     check_role(config, path, opts.mode, given.refiner if given is not None else None)
     if given is not None and given.refiner is not None:
         check_refiner(given.refiner, getattr(opts, "unsafe_config", False))
-    sampler, schedule = default_options(None if getattr(opts, "sampler_given", True) is False else opts.sampler,
-                                        opts.schedule)
+    if getattr(opts, "sampler_given", True):
+        sampler, schedule = opts.sampler, opts.schedule
+    else:  # the scripts' default DDIM (on its own grid) becomes the original's Euler; a --schedule stays
+        sampler, schedule = default_options(None, opts.schedule if opts.schedule in USER_SCHEDULES else None)
     return dataclasses.replace(opts, sampler=sampler, schedule=schedule,
                                sdxl=given if given is not None else SdxlOptions())
+
+
+_ROLES = {"sdxl": "an SDXL base model", "sdxl-refiner": "an SDXL refiner"}
+_OTHERS = {"sd1": "an SD 1.x checkpoint", "sd2": "an SD 2.x checkpoint", "sd2-v": "an SD 2.x checkpoint",
+           "sd1-inpainting": "an SD 1.x inpainting checkpoint", "sd2-inpainting": "an SD 2.x inpainting checkpoint"}
+
+
+def check_fit(config: Any, ckpt: Optional[Path]) -> None:
+    """UsageError before anything is built when a ``.safetensors`` checkpoint's keys say SDXL (base / refiner) and
+    the config says otherwise, or the other way round (other files are checked when their weights load)."""
+    if ckpt is None or ckpt.suffix.lower() != ".safetensors" or not ckpt.is_file():
+        return
+    from ldm.inference.loading import _keys_and_shapes
+    from ldm.model_family import detect_family
+
+    try:
+        family = detect_family(_keys_and_shapes(ckpt)[0], ckpt.name)
+    except ValueError:
+        return
+    wanted = ("sdxl-refiner" if is_refiner_config(config) else "sdxl") if is_sdxl_config(config) else None
+    found = family.name if family.name in _ROLES else None
+    if wanted == found:
+        return
+    what = _ROLES.get(found) or _OTHERS.get(family.name, f"a '{family.name}' checkpoint")
+    builds = _ROLES.get(wanted, "a Stable Diffusion 1/2 model")
+    raise UsageError(f"'{ckpt.name}' is {what}, but the config builds {builds}: pass the config that fits "
+                     f"({family.config}), or drop --config to have it chosen from the checkpoint's keys")
 
 
 def refiner_loader(path: Path, device: str, vae: Optional[Path], allow_unsafe: bool = False) -> Callable[[], Any]:
