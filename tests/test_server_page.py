@@ -138,13 +138,13 @@ class Page:
 
 @pytest.fixture
 def page(browser, server) -> Page:
-    """The page freshly opened (an empty gallery), its choices loaded, its POST bodies recorded."""
+    """The page freshly opened (an empty gallery), its lists loaded, its POST bodies recorded."""
     browser.get_log("browser")  # forget what earlier tests logged
     browser.get(server.url + "/")
     p = Page(browser, server.url)
     deadline = time.time() + 30
-    while not p.js("return document.querySelectorAll('#sampler_name option').length"):
-        assert time.time() < deadline, "the sampler list never loaded"
+    while p.js("return document.body.dataset.ready") != "true":
+        assert time.time() < deadline, "the page never finished loading its choices"
         time.sleep(0.05)
     p.js("""window.__sent = [];
             const original = window.fetch;
@@ -187,9 +187,10 @@ def test_page_choices_labels_and_narrow_layout(page):
     shown = page.js("return [...document.querySelectorAll('#scheduler option')].map(o => o.value)")
     assert shown == [s.get("label") or s["name"] for s in schedulers]
     _, options = page.api("/sdapi/v1/options")
-    shown = page.js("return [...document.querySelectorAll('#sd_model_checkpoint option')].map(o => o.value)")
+    shown = page.js("return [...document.querySelectorAll('#sd_model_checkpoint option')].map(o => o.textContent)")
     assert shown == [m["title"] for m in models] and len(shown) >= 2
-    assert page.el("sd_model_checkpoint").get_attribute("value") == options["sd_model_checkpoint"]
+    (current,) = [m for m in models if m["title"] == options["sd_model_checkpoint"]]
+    assert page.el("sd_model_checkpoint").get_attribute("value") == current["model_name"]
 
     unlabeled = page.js("""return [...document.querySelectorAll('input, select, textarea, button')]
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
@@ -410,22 +411,22 @@ def test_paint_a_mask_and_inpaint(page):
     assert not page.el("mask-canvas").is_displayed()
 
 
-def test_switch_model(page, server):
+def test_switch_model(page):
     from selenium.webdriver.support.ui import Select
 
-    _, options = page.api("/sdapi/v1/options")
-    before = options["sd_model_checkpoint"]
-    other = next(o.get_attribute("value") for o in Select(page.el("sd_model_checkpoint")).options
-                 if o.get_attribute("value") != before)
+    before = page.api("/sdapi/v1/options")[1]["sd_model_checkpoint"]
+    (other,) = [m for m in page.api("/sdapi/v1/sd-models")[1] if m["title"] != before][:1]
     try:
-        Select(page.el("sd_model_checkpoint")).select_by_value(other)
+        Select(page.el("sd_model_checkpoint")).select_by_value(other["model_name"])
         assert page.wait().startswith("Model"), page.el("progress-text").text
         assert page.error() is None
-        assert page.requests() == [{"sd_model_checkpoint": other, "_path": "/sdapi/v1/options"}]
-        assert page.api("/sdapi/v1/options")[1]["sd_model_checkpoint"] == other
+        assert page.requests() == [{"sd_model_checkpoint": other["model_name"], "_path": "/sdapi/v1/options"}]
+        now = page.api("/sdapi/v1/options")[1]["sd_model_checkpoint"]
+        assert now != before and now.startswith(other["model_name"])
+        selected = page.js("return document.getElementById('sd_model_checkpoint').selectedOptions[0].textContent")
+        assert selected == now  # the list was read again: the title now has the hash
         small_run(page, seed=3, steps=2)
         page.generate()
-        (entry,) = [m for m in page.api("/sdapi/v1/sd-models")[1] if m["title"] == other]
-        assert card_text(page.cards()[0]).endswith(f"Model: {Path(entry['filename']).stem}")  # made by that model
+        assert card_text(page.cards()[0]).endswith(f"Model: {Path(other['filename']).stem}")  # made by that model
     finally:
         page.api("/sdapi/v1/options", {"sd_model_checkpoint": before})

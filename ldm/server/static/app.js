@@ -95,7 +95,8 @@
 
   // ---- start-up: fill the choices from the server ----------------------------------------------------------
 
-  function fillSelect(select, items, preferred) {
+  // Options from `items` ({value, text}); the first item that `chosen` accepts is selected.
+  function fillSelect(select, items, chosen) {
     select.replaceChildren();
     for (const { value, text } of items) {
       const option = document.createElement("option");
@@ -103,29 +104,37 @@
       option.textContent = text;
       select.append(option);
     }
-    const pick = items.find((item) => preferred.includes(item.value.toLowerCase()));
+    const pick = items.find(chosen);
     if (pick) select.value = pick.value;
   }
 
   async function loadChoices() {
-    const [samplers, schedulers, models, options] = await Promise.allSettled([
-      api("/samplers"), api("/schedulers"), api("/sd-models"), api("/options"),
-    ]);
+    const [samplers, schedulers] = await Promise.allSettled([api("/samplers"), api("/schedulers")]);
     const problems = [];
     if (samplers.status === "fulfilled") {
-      fillSelect($("sampler_name"), samplers.value.map((s) => ({ value: s.name, text: s.name })), ["euler a"]);
+      const items = samplers.value.map((s) => ({ value: s.name, text: s.name }));
+      fillSelect($("sampler_name"), items, (item) => item.value.toLowerCase() === "euler a");
     } else problems.push(`samplers: ${samplers.reason.message}`);
     if (schedulers.status === "fulfilled") {
       const items = schedulers.value.map((s) => ({ value: s.label || s.name, text: s.label || s.name }));
-      fillSelect($("scheduler"), items, ["automatic"]);
+      fillSelect($("scheduler"), items, (item) => item.value.toLowerCase() === "automatic");
     } else problems.push(`schedulers: ${schedulers.reason.message}`);
-    if (models.status === "fulfilled") {
-      const current = options.status === "fulfilled" ? String(options.value.sd_model_checkpoint).toLowerCase() : "";
-      const items = models.value.map((m) => ({ value: m.title, text: m.title }));
-      fillSelect($("sd_model_checkpoint"), items, [current]);
-      state.model = $("sd_model_checkpoint").value;
-    } else problems.push(`models: ${models.reason.message}`);
+    try {
+      await loadModels();
+    } catch (err) {
+      problems.push(`models: ${err.message}`);
+    }
     if (problems.length) showError(`Could not load the choices from the server.\n${problems.join("\n")}`);
+    document.body.dataset.ready = "true";   // every list is filled (or its error shown)
+  }
+
+  // The checkpoints, by model_name (a title gains its hash once the model has been loaded), the current selected.
+  async function loadModels() {
+    const [models, options] = await Promise.all([api("/sd-models"), api("/options")]);
+    const current = options.sd_model_checkpoint;
+    const items = models.map((m) => ({ value: m.model_name, text: m.title, title: m.title }));
+    fillSelect($("sd_model_checkpoint"), items, (item) => item.title === current || item.value === current);
+    state.model = $("sd_model_checkpoint").value;
   }
 
   // ---- the request -----------------------------------------------------------------------------------------
@@ -230,8 +239,8 @@
     setStatus(`Loading ${wanted}…`);
     try {
       await postJSON("/options", { sd_model_checkpoint: wanted });
-      state.model = wanted;
-      setStatus(`Model ${wanted} loaded`);
+      await loadModels();
+      setStatus(`Model ${$("sd_model_checkpoint").selectedOptions[0].textContent} loaded`);
     } catch (err) {
       select.value = state.model;
       setStatus("Model not changed");
