@@ -17,7 +17,7 @@
     run: 0,              // increases with every request; a poller stops when it is no longer current
     interrupted: false,
     lastSeed: null,
-    model: null,         // the checkpoint the server has loaded (its title)
+    model: null,         // model_name of the checkpoint the server has loaded
     made: 0,             // images added to the gallery since the page was opened
     stroke: null,        // the last point of the mask stroke being painted
     maskPainted: false,
