@@ -403,3 +403,15 @@ def test_sdxl_embeddings_give_each_encoder_its_own_vectors(base_engine, tmp_path
     save_file({"emb_params": torch.randn(1, 24)}, str(first / "sd1thing.safetensors"))
     with pytest.raises(UsageError, match="sd1thing"):
         sdxl.conditioning(base_engine, ["sd1thing"], "", 32, 32, sdxl.SdxlOptions(), embeddings=first)
+
+
+def test_half_autoencoder_decodes_in_float32_unless_a_vae_was_given(tiny):
+    engine = build(*tiny["base"])
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = sdxl.decode(engine, z, reduced=False, vae_given=False)
+    engine.first_stage_model.to(torch.bfloat16)  # what --fast does to the weights
+    kept = sdxl.decode(engine, z, reduced=True, vae_given=True)  # a --vae (fp16-fixed) stays as it is
+    assert next(engine.first_stage_model.parameters()).dtype == torch.bfloat16 and kept.dtype == torch.float32
+    got = sdxl.decode(engine, z, reduced=True, vae_given=False)
+    assert next(engine.first_stage_model.parameters()).dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-2)

@@ -254,9 +254,18 @@ def finish(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return x / math.sqrt(1.0 + last * last) if last > 0 else x
 
 
-def encode(engine: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) [1, C, h, w] float32 of the autoencoder posterior of an image [1, 3, H, W] in [-1, 1]."""
+def _vae_float32(engine: Any, vae_given: bool) -> Any:
+    """The engine's autoencoder, turned float32 for good when it was half and no ``--vae`` was given (the SDXL
+    VAE overflows in float16)."""
     vae = engine.first_stage_model
+    if not vae_given and next(vae.parameters()).dtype != torch.float32:
+        vae.float()
+    return vae
+
+
+def encode(engine: Any, image: torch.Tensor, vae_given: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [1, C, h, w] float32 of the autoencoder posterior of an image [1, 3, H, W] in [-1, 1]."""
+    vae = _vae_float32(engine, vae_given)
     dtype = next(vae.parameters()).dtype
     with torch.autocast(image.device.type, enabled=False):
         posterior = vae.encode(image.to(dtype))
@@ -288,10 +297,8 @@ def free(engine: Any) -> None:
 def decode(engine: Any, latents: torch.Tensor, reduced: bool, vae_given: bool) -> torch.Tensor:
     """Images [B, 3, H, W] float32 in [0, 1]. The SDXL VAE overflows in float16: it decodes in float32 unless a
     ``--vae`` (e.g. the fp16-fixed one) is given, and a half-precision NaN result is redone in float32."""
-    vae = engine.first_stage_model
+    vae = _vae_float32(engine, vae_given)
     half = next(vae.parameters()).dtype != torch.float32
-    if half and not vae_given:
-        vae.float()
     x = engine.decode_first_stage(latents.to(next(vae.parameters()).dtype))
     if not torch.isfinite(x).all() and (half or reduced):
         logger.warning("decoding in half precision gave NaN/inf values; decoding again in float32")

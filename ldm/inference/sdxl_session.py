@@ -67,7 +67,8 @@ class SdxlSession:
         self.base, self.s, self.device, self.vae_given = engine, s, device, vae_given
         self.shape = (channels, s.height // factor, s.width // factor)
         self.load_refiner, self.refiner, self.active = load_refiner, None, engine
-        self.posterior = encode(engine, init_image) if s.mode == "img2img" and init_image is not None else None
+        img2img = s.mode == "img2img" and init_image is not None
+        self.posterior = encode(engine, init_image, vae_given) if img2img else None
         strength = s.strength if s.mode == "img2img" else None
         self.sigmas = schedule(engine, s.sampler, s.steps, strength)
         self.parts = split(self.sigmas, s.options.refiner_switch) if load_refiner else (self.sigmas,)
