@@ -265,3 +265,13 @@ def test_queue_order_withdraw_full_and_failures():
         assert queue.submit("f", lambda job: 42).future.result(10) == 42  # the worker goes on
     finally:
         queue.stop()
+
+
+def test_img2img_size_limit_counts_the_picture(server):
+    """Without width/height the picture's own size is generated: it must fit the server's limit too."""
+    big = Image.new("RGB", (1200, 1000), "red")
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    body = {"init_images": [base64.b64encode(buffer.getvalue()).decode()], "prompt": "x", "steps": 2}
+    answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert answer.status_code == 422 and "send width and height" in answer.json()["message"]

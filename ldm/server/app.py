@@ -89,8 +89,8 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
 
         def work(job: Job) -> tuple[api.Result, list[str]]:
             result = service.generate(job, req, mode, body.save_images)
-            encoded = [b64.encode_png(i, p) for i, p in zip(result.images, result.parameters)] if body.send_images else []
-            return result, encoded
+            pairs = zip(result.images, result.parameters) if body.send_images else ()
+            return result, [b64.encode_png(image, text) for image, text in pairs]
 
         result, encoded = await _wait(service, service.queue.submit(mode, work), request)
         echo = body.model_dump()
@@ -107,6 +107,10 @@ def _img2img_request(service: Service) -> Callable[[Img2ImgBody], api.Request]:
     def convert(body: Img2ImgBody) -> api.Request:
         image = b64.decode_image(body.init_images[0], "init_images[0]", limit)
         mask = b64.decode_image(body.mask, "mask", limit) if body.mask else None
+        size = (body.width or image.width) * (body.height or image.height)
+        if size > service.cfg.limits.max_pixels:  # without width/height the picture's own size is generated
+            raise UsageError(f"init_images[0] is {image.width}x{image.height}: generating it is more than this "
+                             f"server allows ({service.cfg.limits.max_pixels} pixels); send width and height")
         return api.Request(**body.settings(), strength=body.denoising_strength, init_image=image, mask=mask,
                            mask_blur=body.mask_blur, invert_mask=bool(body.inpainting_mask_invert),
                            full_res=body.inpaint_full_res, full_res_padding=body.inpaint_full_res_padding)

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--insecure", action="store_true",
                      help="allow listening on a non-local address without --api-auth (anyone reaching it can use it)")
     m = p.add_argument_group("model")
-    m.add_argument("--ckpt", type=Path, default=None, help="checkpoint or diffusers folder (default: the shipped model)")
+    m.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint or diffusers folder (default: the shipped model)")
     m.add_argument("--config", type=Path, default=None, help="its config (default: beside it, or inferred)")
     m.add_argument("--vae", type=Path, default=None, help="external autoencoder weights")
     m.add_argument("--lora", action="append", default=None, metavar="PATH[:WEIGHT]", help="merge a LoRA; repeatable")
