@@ -118,6 +118,9 @@ def test_options_switch_checkpoint(client, server):
     client.util_set_model("shapes-copy.safetensors")
     assert client.util_get_current_model().startswith("shapes-copy.safetensors [")
     assert _params(client.txt2img(prompt=PROMPT, seed=1, **SMALL).image)["Model"] == "shapes-copy"
+    once = client.txt2img(prompt=PROMPT, seed=1, override_settings={"sd_model_checkpoint": "sd-shapes"}, **SMALL)
+    assert _params(once.image)["Model"] == "sd-shapes"  # for this request only (restored afterwards)
+    assert client.util_get_current_model().startswith("shapes-copy.safetensors [")
     client.set_options({"sd_model_checkpoint": "sd-shapes", "some_unknown_option": 1})
     assert client.get_options()["sd_model_checkpoint"].startswith("sd-shapes [")
     bad = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "no-such-model"})

@@ -86,9 +86,12 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
         if problem:
             raise UsageError(problem)
         req, mode = await asyncio.to_thread(to_request, body), mode_of(body)  # decoding uploads off the loop
+        override = body.override_settings.get("sd_model_checkpoint")
+        entry = service.find(str(override)) if override else None
 
         def work(job: Job) -> tuple[api.Result, list[str]]:
-            result = service.generate(job, req, mode, body.save_images)
+            result = service.generate_with(job, req, mode, body.save_images, entry,
+                                           body.override_settings_restore_afterwards)
             pairs = zip(result.images, result.parameters) if body.send_images else ()
             return result, [b64.encode_png(image, text) for image, text in pairs]
 

@@ -45,6 +45,8 @@ class GenerationBody(_Body):
     eta: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
     send_images: bool = True
     save_images: bool = False
+    override_settings: dict[str, Any] = Field(default_factory=dict)  # only sd_model_checkpoint is read
+    override_settings_restore_afterwards: bool = True
 
     def sampler(self) -> str:
         """The sampler name the client chose (``sampler_name``, else ``sampler_index``, else Euler a)."""

@@ -112,6 +112,19 @@ class Service:
             self.save(result, mode)
         return result
 
+    def generate_with(self, job: Job, request: Request, mode: str, save: bool, checkpoint: Optional[Checkpoint],
+                      restore: bool = True) -> Result:
+        """``generate`` on ``checkpoint`` (the web UI's ``override_settings``), switching back afterwards when
+        ``restore``."""
+        previous = self.current
+        if checkpoint is not None:
+            self.switch(checkpoint)
+        try:
+            return self.generate(job, request, mode, save)
+        finally:
+            if checkpoint is not None and restore:
+                self.switch(previous)
+
     def save(self, result: Result, mode: str) -> list[Path]:
         """Write the images as the scripts do: ``outdir/<mode>-samples/samples/NNNNN.png`` with parameters."""
         from ldm.inference.loading import default_watermark
