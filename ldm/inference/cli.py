@@ -36,7 +36,8 @@ def tqdm_progress(total: int, desc: str) -> ContextManager[Any]:
 def _setup_logging() -> None:
     debug = os.environ.get("LDM_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("ldm.inference").setLevel(logging.DEBUG if debug else logging.INFO)
+    for name in ("ldm.inference", "ldm.api"):  # the scripts' info lines, also from the API they use
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def _saved(result: RunResult, outdir: Optional[Path]) -> str:
