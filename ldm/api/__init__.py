@@ -25,7 +25,11 @@ __all__ = ["Cancelled", "Generator", "LATENTS", "LoadedModel", "Progress", "Requ
 
 
 class Generator:
-    """A loaded model with txt2img / img2img / inpaint; keyword settings are the fields of :class:`Request`."""
+    """A loaded model with txt2img / img2img / inpaint; keyword settings are the fields of :class:`Request`.
+
+    One call at a time: the model is shared state (merged LoRAs, the device); the server runs its calls from one
+    worker thread per device.
+    """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
