@@ -37,7 +37,7 @@ def _size_embedder(key: str) -> dict:
             "params": {"outdim": OUTDIM}}
 
 
-def _bigg(index_note: str = "") -> dict:
+def _bigg() -> dict:
     return {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
             "params": {"arch": "SDXL-Tiny-Test", "arch_config": OPEN_CLIP, "version": None, "freeze": True,
                        "layer": "penultimate", "always_return_pooled": True, "legacy": False}}
@@ -50,7 +50,8 @@ def tiny_sdxl_config(text_dir: Path, refiner: bool = False) -> dict:
                _size_embedder("aesthetic_score")]
         context, adm = WIDTH, WIDTH + 5 * OUTDIM
     else:
-        clip_l = {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+        clip_l = {"is_trainable": False, "input_key": "txt",
+                  "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
                   "params": {"version": str(text_dir), "layer": "hidden", "layer_idx": 2}}
         emb = [clip_l, _bigg(), _size_embedder("original_size_as_tuple"), _size_embedder("crop_coords_top_left"),
                _size_embedder("target_size_as_tuple")]
@@ -217,8 +218,8 @@ def test_default_sampling_reproduces_the_reference_case():
 # --- sampling on tiny random-weight checkpoints ----------------------------------------------------------------
 
 def test_txt2img_latents_depend_on_each_seed_only(base_engine):
-    session = sdxl_session.SdxlSession(base_engine, _settings(), "cpu", channels=4, factor=2)
-    assert session.steps_per_image == 4
+    session = sdxl_session.SdxlSession(base_engine, _settings(steps=2), "cpu", channels=4, factor=2)
+    assert session.steps_per_image == 2
     two = session.latents(["a cat", "a cat"], _gens(2, seed=7))
     one = session.latents(["a cat"], _gens(1, seed=8))
     assert two.shape == (2, 4, 16, 16) and torch.isfinite(two).all()
@@ -248,12 +249,14 @@ def test_img2img_strength_zero_keeps_the_latents_and_one_is_txt2img(base_engine)
     mean, _ = keep.posterior
     assert keep.steps_per_image == 0
     assert torch.allclose(keep.latents(["x"], _gens(1)), base_engine.scale_factor * mean)
-    half = sdxl_session.SdxlSession(base_engine, _settings("img2img", steps=4, strength=0.5), "cpu", 4, 2, init_image=image)
+    half = sdxl_session.SdxlSession(base_engine, _settings("img2img", steps=4, strength=0.5), "cpu", 4, 2,
+                                    init_image=image)
     assert half.steps_per_image == 3  # the web UI's convention: int(0.5 * 4) + 1 levels
     z = half.latents(["x"], _gens(1))
     assert torch.isfinite(z).all()
-    full = sdxl_session.SdxlSession(base_engine, _settings("img2img", strength=1.0), "cpu", 4, 2, init_image=image)
-    txt = sdxl_session.SdxlSession(base_engine, _settings(), "cpu", 4, 2)
+    full = sdxl_session.SdxlSession(base_engine, _settings("img2img", steps=2, strength=1.0), "cpu", 4, 2,
+                                    init_image=image)
+    txt = sdxl_session.SdxlSession(base_engine, _settings(steps=2), "cpu", 4, 2)
     assert torch.allclose(full.latents(["x"], _gens(1)), txt.latents(["x"], _gens(1)), atol=1e-5)
 
 
@@ -279,19 +282,19 @@ def test_refiner_continues_from_the_base_latents(tiny, base_engine):
     def load():
         loaded.append(True)
         return refiner
-    s = _settings(steps=10, options=sdxl.SdxlOptions(refiner_switch=0.8))
+    s = _settings(steps=5, options=sdxl.SdxlOptions(refiner_switch=0.6))
     session = sdxl_session.SdxlSession(base_engine, s, "cpu", 4, 2, load_refiner=load)
     seen = []
     z = session.latents(["a cat"], _gens(1), callback=lambda info: seen.append((info.i, info.total)))
     base_engine.denoiser.forward = base_calls.inner
     refiner.denoiser.forward = refiner_calls.inner
-    assert (base_calls.calls, refiner_calls.calls, len(loaded)) == (8, 2, 1)
-    assert seen == [(i, 10) for i in range(10)]
+    assert (base_calls.calls, refiner_calls.calls, len(loaded)) == (3, 2, 1)
+    assert seen == [(i, 5) for i in range(5)]
     c, uc = sdxl.conditioning(base_engine, ["a cat"], "", 32, 32, s.options)
-    sigmas = sdxl.schedule(base_engine, s.sampler, 10)
+    sigmas = sdxl.schedule(base_engine, s.sampler, 5)
     x = sdxl.start(None, base_engine.scale_factor, sigmas, _gens(1), (4, 16, 16), "cpu", vp=True, img2img=False)
     with torch.no_grad():  # the base alone down to the switch level: where the refiner starts
-        handed = run_schedule(s.sampler, sdxl.EngineDenoiser(base_engine, uc, 5.0).bind(c), x, sigmas[:9])
+        handed = run_schedule(s.sampler, sdxl.EngineDenoiser(base_engine, uc, 5.0).bind(c), x, sigmas[:4])
     assert torch.allclose(refiner_calls.first[:1], handed, atol=1e-5)
     assert torch.isfinite(z).all() and refiner_calls.first.shape == (2, 4, 16, 16)  # guided: [uc; c]
     session.close()
