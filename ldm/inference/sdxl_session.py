@@ -57,8 +57,9 @@ class SdxlSettings:
 class SdxlSession:
     """One SDXL request on a loaded base engine: encoded init image, sampling per job and the refiner hand-off.
 
-    The refiner is loaded at the first hand-off and released by :meth:`close`; on an accelerator the model that
-    is not sampling waits on the CPU, so only one of the two occupies the device at a time.
+    The refiner is loaded at the first hand-off and released by :meth:`close` (or with the session); on an
+    accelerator the model that is not sampling waits on the CPU, so only one of the two occupies the device at a
+    time (the base comes back at the next job, or the next request).
     """
 
     def __init__(self, engine: Any, s: SdxlSettings, device: str, channels: int, factor: int,
@@ -67,6 +68,8 @@ class SdxlSession:
         self.base, self.s, self.device, self.vae_given = engine, s, device, vae_given
         self.shape = (channels, s.height // factor, s.width // factor)
         self.load_refiner, self.refiner, self.active = load_refiner, None, engine
+        if torch.device(device).type != "cpu":  # a previous request's hand-off may have left it on the CPU
+            engine.to(device)
         img2img = s.mode == "img2img" and init_image is not None
         self.posterior = encode(engine, init_image, vae_given) if img2img else None
         strength = s.strength if s.mode == "img2img" else None
@@ -119,13 +122,9 @@ class SdxlSession:
             return callback
         return lambda info: callback(dataclasses.replace(info, i=info.i + offset, total=self.steps_per_image))
 
-    def images(self, latents: torch.Tensor, reduced: bool, preview: bool = False) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] decoded by the model now on the device; then the base goes back to the
-        device (the refiner waits on the CPU for the next job)."""
-        images = decode(self.active, latents, reduced, self.vae_given)
-        if not preview and self.refiner is not None:
-            self._use(self.base)
-        return images
+    def images(self, latents: torch.Tensor, reduced: bool) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] decoded by the model now on the device (the refiner after a hand-off)."""
+        return decode(self.active, latents, reduced, self.vae_given)
 
     def close(self) -> None:
         """Release the refiner; the base engine goes back to the device."""
