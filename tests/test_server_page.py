@@ -366,8 +366,10 @@ def test_paint_a_mask_and_inpaint(page):
     (card,) = page.cards()
     original = card_image(card)
     card.find_element("css selector", ".send-img2img").click()
-    assert not page.el("brush-size").is_displayed()  # mask tools appear with inpaint
+    tools = ("brush-size", "mask_blur", "inpaint_full_res", "mask-clear")
+    assert not any(page.el(tool).is_displayed() for tool in tools)  # the mask tools appear with inpaint
     page.el("inpaint").click()
+    assert all(page.el(tool).is_displayed() for tool in tools)
     brush = 24  # canvas (= init image) pixels
     page.slide("brush-size", brush)
 
@@ -390,9 +392,12 @@ def test_paint_a_mask_and_inpaint(page):
 
     page.fill(prompt="a yellow square on a purple background")
     page.slide("denoising_strength", 1)
+    page.slide("mask_blur", 2)
     assert page.generate().startswith("Done: 1 image")
     sent = page.requests()[-1]
     assert sent["_path"] == "/sdapi/v1/img2img"
+    assert sent["mask_blur"] == 2 and sent["inpaint_full_res"] is False and sent["denoising_strength"] == 1
+    assert "Mask blur: 2" in card_text(page.cards()[0])
     np.testing.assert_array_equal(pixels(sent["mask"])[..., 0], mask)
     answer = page.replay(sent)
     result = card_image(page.cards()[0])

@@ -178,6 +178,8 @@ function buildPayload() {
       throw new Error("Inpaint is on but the mask is empty: paint over the part to repaint, or switch inpaint off.");
     }
     payload.mask = dataToBase64(painted);
+    payload.mask_blur = number("mask_blur", "Mask blur", (v) => parseInt(v, 10));
+    payload.inpaint_full_res = $("inpaint_full_res").checked;
   }
   return payload;
 }
@@ -368,6 +370,7 @@ function init() {
   $("sd_model_checkpoint").addEventListener("change", switchModel);
   mirror("denoising_strength");
   mirror("brush-size");
+  mirror("mask_blur");
   selectTab("txt2img");
   showInpaint();
   loadChoices();
