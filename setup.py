@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Latent text-to-image diffusion in the Stable Diffusion style: faithful, fast and safe",
     packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm.server": ["static/*"]},  # the server's page (HTML, JS, CSS), served at /
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
