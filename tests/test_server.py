@@ -111,6 +111,15 @@ def test_samplers_schedulers_models_loras(client, server):
     titles = client.util_get_model_names()
     assert any(t.startswith("sd-shapes [") for t in titles) and any(t.startswith("shapes-copy") for t in titles)
     assert isinstance(client.get_loras(), list)
+    folder = server.service.cfg.ckpt_dirs[0]
+    (folder / "later.safetensors").write_bytes((folder / "shapes-copy.safetensors").read_bytes())
+    try:
+        client.refresh_checkpoints()
+        assert "later.safetensors" in client.util_get_model_names()
+    finally:
+        (folder / "later.safetensors").unlink()
+        client.refresh_checkpoints()
+    assert "later.safetensors" not in client.util_get_model_names()
 
 
 def test_options_switch_checkpoint(client, server):

@@ -171,6 +171,11 @@ def _add_catalogue(app: FastAPI, service: Service) -> None:
         """The checkpoints ``options`` can switch to."""
         return [c.as_json() for c in service.checkpoints]
 
+    @app.post(f"{PREFIX}/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        """Scan ``--ckpt_dir`` again."""
+        await asyncio.to_thread(service.refresh)
+
     @app.get(f"{PREFIX}/loras")
     async def loras() -> list[dict[str, Any]]:
         """The LoRAs prompts can name with ``<lora:NAME:WEIGHT>``."""

@@ -77,6 +77,12 @@ class Service:
         self.checkpoints.append(entry)
         return entry
 
+    def refresh(self) -> None:
+        """Scan the checkpoint folders again (files added or removed since the start)."""
+        known = {c.filename: c for c in self.checkpoints if c.sha256}
+        self.checkpoints = [known.get(c.filename, c) for c in self._catalogue()]
+        self.current = self._matching(self.current.filename)
+
     def find(self, text: str) -> Checkpoint:
         """The catalogue entry ``text`` names; UsageError listing the titles otherwise."""
         for entry in self.checkpoints:
