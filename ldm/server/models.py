@@ -34,9 +34,9 @@ class Checkpoint:
         """``name [hash]`` (just ``name`` until hashed), the web UI's title (what ``sd_model_checkpoint`` holds)."""
         return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
 
-    def hashed(self) -> "Checkpoint":
-        """This entry with its sha256."""
-        return self if self.sha256 else replace(self, sha256=file_hash(self.filename, 64))
+    def hashed(self, weights: Optional[Path] = None) -> "Checkpoint":
+        """This entry with its sha256: of ``weights`` (the file loaded: a diffusers folder's UNet) or its file."""
+        return self if self.sha256 else replace(self, sha256=file_hash(weights or self.filename, 64))
 
     def as_json(self) -> dict[str, Any]:
         """The web UI's ``/sd-models`` entry."""

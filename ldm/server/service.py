@@ -50,8 +50,13 @@ class Service:
         self.generator = generator or Generator.load(cfg.ckpt, cfg.config, vae=cfg.vae, loras=cfg.loras,
                                                      device=cfg.device, precision=cfg.precision)
         self.checkpoints = self._catalogue()
-        self.current = self._matching(self.generator.loaded.source.ckpt_path)
+        self.current = self._matching(cfg.ckpt or self.weights, self.weights)
         self.queue.start()
+
+    @property
+    def weights(self) -> Path:
+        """The weights file of the loaded model."""
+        return self.generator.loaded.source.ckpt_path
 
     def close(self) -> None:
         """Stop the worker (queued jobs are cancelled, the running one interrupted)."""
@@ -67,13 +72,13 @@ class Service:
             entries.append(Checkpoint(self.cfg.ckpt.name, self.cfg.ckpt, self.cfg.ckpt, self.cfg.config))
         return entries
 
-    def _matching(self, path: Path) -> Checkpoint:
-        """The catalogue entry of the loaded file, hashed (and so titled ``name [hash]``)."""
+    def _matching(self, path: Path, weights: Path) -> Checkpoint:
+        """The catalogue entry of the loaded ``path``, hashed from its ``weights`` (so titled ``name [hash]``)."""
         for index, entry in enumerate(self.checkpoints):
             if _same(entry.filename, path):
-                self.checkpoints[index] = entry.hashed()
+                self.checkpoints[index] = entry.hashed(weights)
                 return self.checkpoints[index]
-        entry = Checkpoint(Path(path).name, Path(path), Path(path), None).hashed()
+        entry = Checkpoint(Path(path).name, Path(path), Path(path), None).hashed(weights)
         self.checkpoints.append(entry)
         return entry
 
@@ -81,7 +86,7 @@ class Service:
         """Scan the checkpoint folders again (files added or removed since the start)."""
         known = {c.filename: c for c in self.checkpoints if c.sha256}
         self.checkpoints = [known.get(c.filename, c) for c in self._catalogue()]
-        self.current = self._matching(self.current.filename)
+        self.current = self._matching(self.current.filename, self.weights)
 
     def find(self, text: str) -> Checkpoint:
         """The catalogue entry ``text`` names; UsageError listing the titles otherwise."""
@@ -100,7 +105,7 @@ class Service:
                                 precision=self.cfg.precision, loras=self.cfg.loras)
         self.generator.close()
         self.generator = loaded
-        self.current = self._matching(entry.filename)
+        self.current = self._matching(entry.filename, self.weights)
 
     def generate(self, job: Job, request: Request, mode: str, save: bool) -> Result:
         """Run a request on the worker, reporting progress (and previews) into ``job``; save when asked."""
