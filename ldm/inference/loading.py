@@ -188,11 +188,14 @@ def model_geometry(config: Any, path: Path) -> ModelGeometry:
 
 
 def build_model(config: Any, path: Path) -> torch.nn.Module:
-    """Instantiate the ``model:`` section of ``config`` (random weights); UsageError if it cannot be built."""
+    """Instantiate the ``model:`` section of ``config`` with unset weights, for a strict load to fill (no time
+    spent on random initialisation); UsageError if it cannot be built."""
     from ldm.util import instantiate_from_config
+    from ldm.weight_init import skipped_weight_init
 
     try:
-        return instantiate_from_config(config.model)
+        with skipped_weight_init():
+            return instantiate_from_config(config.model)
     except (ImportError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise UsageError(f"cannot build the model described by '{path}': {e}") from None
 
