@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
+import torch
 
 from ldm.api import Generator
 from ldm.model_family import DEFAULT_MODEL_DIR
@@ -78,6 +79,7 @@ class RunningServer:
     service: Service
     server: Any
     thread: threading.Thread
+    torch_threads: int = 0  # torch's CPU threads before the server started (restored by stop)
 
     @property
     def url(self) -> str:
@@ -89,14 +91,19 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.service.close()
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
 
 def start_server(cfg: ServerConfig, generator: Optional[Generator] = None) -> RunningServer:
-    """Serve ``cfg`` with uvicorn on a free loopback port (a socket bound before the server starts)."""
+    """Serve ``cfg`` with uvicorn on a free loopback port (a socket bound before the server starts); torch runs on
+    one CPU thread meanwhile (tiny images gain nothing from two, and on a busy machine two wait on each other)."""
     import uvicorn
 
     from ldm.server.app import create_app
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     service = Service(cfg, generator or shared_generator())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,8 +116,9 @@ def start_server(cfg: ServerConfig, generator: Optional[Generator] = None) -> Ru
         time.sleep(0.02)
     if not server.started:
         service.close()
+        torch.set_num_threads(threads)
         raise RuntimeError("the test server did not start")
-    return RunningServer(sock.getsockname()[1], service, server, thread)
+    return RunningServer(sock.getsockname()[1], service, server, thread, threads)
 
 
 def make_config(tmp: Path, **changes: Any) -> ServerConfig:
