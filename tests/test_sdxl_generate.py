@@ -108,6 +108,15 @@ def build(config_path: Path, ckpt_path: Path) -> torch.nn.Module:
     return loading.load_model(source, config, None, None, "cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from two OpenMP threads; on the busy shared machine they wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("sdxl")
