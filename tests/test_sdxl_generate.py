@@ -171,13 +171,16 @@ def test_refiner_hand_off_splits_the_schedule():
 def _reference_engine():
     import open_clip
 
-    from ldm.util import instantiate_from_config
     from safetensors.torch import load_file
+
+    from ldm.util import instantiate_from_config
+    from ldm.weight_init import skipped_weight_init
 
     open_clip.add_model_config(str(REFERENCE / "SDXL-Tiny-OpenCLIP-16A.json"))
     config = OmegaConf.load(REFERENCE / "sdxl_tiny.yaml")
     config.model.params.conditioner_config.params.emb_models[0].params.version = str(REFERENCE / "hf_clip_text_sdxl")
-    engine = instantiate_from_config(config.model)
+    with skipped_weight_init():  # every weight comes from the file
+        engine = instantiate_from_config(config.model)
     engine.load_state_dict(load_file(str(REFERENCE / "sdxl_tiny.weights.safetensors")))
     return engine.eval()
 
