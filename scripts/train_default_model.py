@@ -71,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder_steps", type=int, default=t.steps, help=f"steps of that ({t.steps})")
     p.add_argument("--decoder_batch", type=int, default=t.batch_size, help=f"its batch size ({t.batch_size})")
     p.add_argument("--decoder_lr", type=float, default=t.learning_rate, help=f"its learning rate ({t.learning_rate})")
+    p.add_argument("--decoder_crop", type=int, default=t.crop, help=f"its picture crops ({t.crop}; 256: whole)")
     return p.parse_args(argv)
 
 
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        cfg = DecoderTuning(steps=args.decoder_steps, batch_size=args.decoder_batch, learning_rate=args.decoder_lr)
+        cfg = DecoderTuning(steps=args.decoder_steps, batch_size=args.decoder_batch, learning_rate=args.decoder_lr,
+                            crop=args.decoder_crop)
         logger.info("decoder written to %s", tune_exported_decoder(args.tune_decoder, recipe.out_dir, cfg, args.device))
         return 0
     if args.polish is not None:
