@@ -124,17 +124,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (pipeline.to_numpy(images) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every measurement; returns the results."""
-    model, config, folder = load(args)
-    results: dict[str, Any] = {"steps": args.steps, "scale": args.scale, "seeds": args.seeds, "every": args.every,
-                               "limit": args.limit,
-                               "sampler": resolve(args.sampler, args.schedule).combined_label}
-    real, scenes = real_pictures(args.real)
+def check_real(model: Any, real: torch.Tensor, scenes: Sequence[Any]) -> dict[str, Any]:
+    """Autoencoder PSNR on real pictures [N, 3, H, W] in [-1, 1], and the reader on them and on their
+    reconstructions (the most a diffusion model with this decoder can reach)."""
     recon = reconstruct(model.first_stage_model, real)
-    results["autoencoder_psnr_db"] = float(psnr((recon + 1) / 2, (real + 1) / 2).mean())
+    results: dict[str, Any] = {"autoencoder_psnr_db": float(psnr((recon + 1) / 2, (real + 1) / 2).mean())}
     for key, pictures in (("classifier_on_real", real), ("classifier_on_reconstructions", recon)):
-        check = Adherence()  # on the reconstructions: the most a model with this decoder can reach
+        check = Adherence()
         for picture, scene in zip(to_uint8((pictures + 1) / 2), scenes):
             check.add(picture, scene.colour, scene.shape, scene.background)
         results[key] = check.rates()
@@ -142,6 +138,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("PSNR %.2f dB; reader on real pictures: %s; on their autoencoder reconstructions: %s",
                 results["autoencoder_psnr_db"], results["classifier_on_real"],
                 results["classifier_on_reconstructions"])
+    return results
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; returns the results."""
+    model, config, folder = load(args)
+    results: dict[str, Any] = {"steps": args.steps, "scale": args.scale, "seeds": args.seeds, "every": args.every,
+                               "limit": args.limit,
+                               "sampler": resolve(args.sampler, args.schedule).combined_label}
+    real, scenes = real_pictures(args.real)
+    results.update(check_real(model, real, scenes))
     jobs = evaluation_prompts(list(range(args.seeds)))[::max(1, args.every)]
     if args.limit > 0:
         jobs = jobs[:args.limit]
