@@ -430,3 +430,112 @@ def test_half_autoencoder_decodes_in_float32_unless_a_vae_was_given(tiny):
     got = sdxl.decode(engine, z, reduced=True, vae_given=False)
     assert next(engine.first_stage_model.parameters()).dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-2)
+
+
+# --- the scripts' path ------------------------------------------------------------------------------------------
+
+def _script(name: str, argv: list[str]) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def _common(outdir: Path, steps: int = 3) -> list[str]:
+    return ["--W", "32", "--H", "32", "--steps", str(steps), "--n_samples", "1", "--n_iter", "1", "--outdir",
+            str(outdir), "--no_safety_check", "--skip_grid", "--seed", "5"]
+
+
+def _parameters(outdir: Path) -> tuple[list[Path], str]:
+    from ldm.inference.outputs import read_parameters
+
+    files = sorted((outdir / "samples").glob("*.png"))
+    return files, read_parameters(files[0]) if files else ""
+
+
+def test_txt2img_and_img2img_scripts_run_an_sdxl_checkpoint(tiny, tmp_path):
+    _, ckpt = tiny["base"]  # its config is the yaml beside it
+    out = tmp_path / "txt"
+    assert _script("txt2img", ["--ckpt", str(ckpt), "--prompt", "a cat", "--original_size", "64x48", "--crop", "2",
+                               "2", *_common(out)]) == 0
+    files, params = _parameters(out)
+    assert len(files) == 1 and Image.open(files[0]).size == (32, 32)
+    assert "Sampler: Euler," in params and "Schedule type" not in params and "Seed: 5" in params
+    init = tmp_path / "init.png"
+    Image.open(files[0]).save(init)
+    out2 = tmp_path / "img"
+    assert _script("img2img", ["--ckpt", str(ckpt), "--prompt", "a dog", "--init-img", str(init), "--strength",
+                               "0.5", "--sampler", "DPM++ 2M Karras", *_common(out2, steps=4)]) == 0
+    files2, params2 = _parameters(out2)
+    assert len(files2) == 1 and "Sampler: DPM++ 2M" in params2 and "Denoising strength: 0.5" in params2
+
+
+def test_refiner_hand_off_through_txt2img(tiny, tmp_path):
+    _, base = tiny["base"]
+    _, refiner = tiny["refiner"]
+    out = tmp_path / "refined"
+    assert _script("txt2img", ["--ckpt", str(base), "--refiner", str(refiner), "--refiner_switch", "0.5",
+                               "--prompt", "a cat", "--aesthetic_score", "7", *_common(out, steps=4)]) == 0
+    files, params = _parameters(out)
+    assert len(files) == 1 and "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.5" in params
+    plain = tmp_path / "plain"
+    assert _script("txt2img", ["--ckpt", str(base), "--prompt", "a cat", *_common(plain, steps=4)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(files[0])), np.asarray(Image.open(_parameters(plain)[0][0])))
+
+
+def test_sdxl_plan_defaults_to_1024_pixels_and_the_original_sampler(tiny, tmp_path):
+    from ldm.inference.args import parse_options
+    from ldm.inference.run import plan
+
+    p = plan(parse_options(["--ckpt", str(tiny["base"][1]), "--outdir", str(tmp_path / "o")], "txt2img"))
+    assert (p.width, p.height) == (1024, 1024)
+    assert (p.opts.sampler, p.opts.schedule) == ("euler", "legacy_ddpm")
+    chosen = plan(parse_options(["--ckpt", str(tiny["base"][1]), "--sampler", "ddim", "--outdir",
+                                 str(tmp_path / "o")], "txt2img"))
+    assert (chosen.opts.sampler, chosen.opts.schedule) == ("ddim", "ddim")  # a chosen sampler is kept
+
+
+def _sd1_checkpoint(folder: Path) -> Path:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import write_tiny_model
+
+    return write_tiny_model(folder, name="sd1-tiny")[1]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("sd1 with sdxl config", "is an SD 1.x checkpoint, but the config builds an SDXL base model"),
+    ("sdxl with sd1 config", "is an SDXL base model, but the config builds a Stable Diffusion 1/2 model"),
+    ("refiner as base", "is an SDXL refiner"),
+    ("base as refiner", "is an SDXL base model"),
+    ("refiner with sd1", "SDXL base models only"),
+])
+def test_wrong_files_get_one_clear_line(tiny, tmp_path, capsys, case, needle):
+    base_yaml, base = tiny["base"]
+    refiner = tiny["refiner"][1]
+    argv = {"sd1 with sdxl config": ["--ckpt", str(_sd1_checkpoint(tmp_path / "sd1")), "--config", str(base_yaml)],
+            "sdxl with sd1 config": ["--ckpt", str(base), "--config",
+                                     str(ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")],
+            "refiner as base": ["--ckpt", str(refiner)],
+            "base as refiner": ["--ckpt", str(base), "--refiner", str(base)],
+            "refiner with sd1": ["--ckpt", str(_sd1_checkpoint(tmp_path / "sd1")), "--refiner", str(refiner)]}[case]
+    out = tmp_path / "out"
+    assert _script("txt2img", [*argv, "--prompt", "x", *_common(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "samples").exists() or not any((out / "samples").iterdir())
+
+
+def test_python_api_runs_sdxl_with_its_options(tiny):
+    from ldm.api import Generator
+
+    gen = Generator.load(tiny["base"][1], device="cpu")
+    assert gen.loaded.kind == sdxl.SDXL
+    result = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3, sampler="euler",
+                         sdxl=sdxl.SdxlOptions(original_size=(512, 512), crop=(8, 8)))
+    assert len(result.images) == 1 and result.images[0].size == (32, 32) and "Sampler: Euler" in result.parameters[0]
+    other = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3, sampler="euler")
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(other.images[0]))  # the size conditioning

@@ -45,6 +45,7 @@ class Request:
     invert_mask: bool = False
     full_res: bool = False  # repaint only the masked area at width x height ("Only masked")
     full_res_padding: int = 32
+    sdxl: Optional[Any] = None  # SDXL models: ldm.inference.sdxl.SdxlOptions (original size, crop, refiner...)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
     limits.check_size(width, height, False)
     choice = _sampler(r)
     return Settings(mode, r.negative_prompt, r.steps, choice, r.cfg_scale, width, height,
-                    r.eta if choice.spec.stochastic else None, strength, init, canvas, opts)
+                    r.eta if choice.spec.stochastic else None, strength, init, canvas, opts, sdxl=r.sdxl)
 
 
 def random_seed() -> int:

@@ -12,6 +12,7 @@ import torch
 from ldm.inference import accel, loading, pipeline
 from ldm.inference.errors import UsageError
 from ldm.inference.metadata import file_hash
+from ldm.inference.sdxl import SDXL, is_sdxl_config
 from ldm.modules.lora import LoraSession
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class LoadedModel:
     checker: Any = None
     vae_name: Optional[str] = None
     kind: str = SD
+    vae_path: Optional[Path] = None  # --vae (an SDXL refiner loads it too)
 
     @property
     def name(self) -> str:
@@ -69,7 +71,8 @@ def build(source: loading.ModelSource, config: Any, geometry: loading.ModelGeome
     return LoadedModel(model=model, source=source, config=config, geometry=geometry, device=device,
                        precision=pipeline.choose_precision(device, precision, bf16),
                        model_hash=file_hash(source.ckpt_path), loras=session, checker=checker,
-                       vae_name=vae.stem if vae is not None else None)
+                       vae_name=vae.stem if vae is not None else None, vae_path=vae,
+                       kind=SDXL if is_sdxl_config(config) else SD)
 
 
 def load(ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, vae: Optional[str | Path] = None,

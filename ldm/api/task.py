@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ldm.api.model import SD, LoadedModel
-from ldm.inference import inpaint, pipeline
+from ldm.inference import inpaint, pipeline, sdxl_session
 from ldm.inference.metadata import ImageParameters, format_parameters
 from ldm.modules.safety import numpy_to_pil
 from ldm.samplers import SamplerChoice, StepInfo
@@ -40,6 +40,7 @@ class Settings:
     init_image: Optional[Image.Image] = None  # img2img
     canvas: Optional[inpaint.Canvas] = None  # inpaint
     inpaint: Optional[inpaint.InpaintOptions] = None  # inpaint (for the parameters text)
+    sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
 
 
 class Task:
@@ -49,7 +50,11 @@ class Task:
         self.m, self.s = m, s
         self.shape = (m.geometry.channels, s.height // m.geometry.factor, s.width // m.geometry.factor)
         self.warned: set = set()
-        self.posterior = self.prepared = None
+        self.posterior = self.prepared = self.sdxl = None
+        if m.kind == sdxl_session.SDXL:  # SDXL's conditioning, sampling, refiner: ldm.inference.sdxl_session
+            self.sdxl = sdxl_session.session_for(m, s)
+            self.steps_per_image = self.sdxl.steps_per_image
+            return
         with torch.no_grad(), m.precision.scope():
             if s.mode == "img2img":
                 mean, std = pipeline.encode_init(m.model, pipeline.image_tensor(s.init_image, m.device))
@@ -69,7 +74,7 @@ class Task:
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
         """Decoded, safety-checked PIL images of a batch and which of them were flagged."""
-        images = pipeline.to_numpy(pipeline.decode(self.m.model, latents, self.m.precision))
+        images = pipeline.to_numpy(self._decode(latents))
         if self.s.canvas is not None:  # pasted into the input through the blurred mask
             images = inpaint.to_array(inpaint.composite(self.prepared, numpy_to_pil(images)))
         flags = [False] * len(images)
@@ -84,9 +89,15 @@ class Task:
         if min(z.shape[-2:]) >= PREVIEW_HALVE_FROM:
             z = torch.nn.functional.avg_pool2d(z, 2)
         with torch.no_grad():
-            x = pipeline.decode(self.m.model, z, self.m.precision)
+            x = self._decode(z)
         image = numpy_to_pil(pipeline.to_numpy(x))[0]
         return image if image.size == (self.s.width, self.s.height) else image.resize((self.s.width, self.s.height))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] of latents z [B, C, h, w] (SDXL: its float32 VAE)."""
+        if self.sdxl is not None:
+            return self.sdxl.images(z, self.m.precision.reduced)
+        return pipeline.decode(self.m.model, z, self.m.precision)
 
     def parameters(self, prompt: str, seed: int) -> str:
         """The PNG ``parameters`` text of one image (web UI format, its own seed)."""
@@ -97,6 +108,7 @@ class Task:
             cfg_scale=s.scale, seed=seed, width=s.width, height=s.height, model=m.name, model_hash=m.model_hash,
             denoising_strength=s.strength if s.mode in ("img2img", "inpaint") else None,
             eta=s.eta if s.eta is not None and s.eta != s.sampler.spec.eta else None, vae=m.vae_name))
+        text = sdxl_session.parameters(text, s.sdxl)
         return inpaint.add_settings(text, s.inpaint) if s.inpaint is not None else text
 
 
@@ -116,7 +128,8 @@ def sd_latents(task: Task, job: pipeline.Job, callback: pipeline.StepCallback) -
 
 
 # model kind -> its conditioning + sampling function (task, job, step callback) -> latents
-LATENTS: dict[str, Callable[[Task, pipeline.Job, pipeline.StepCallback], torch.Tensor]] = {SD: sd_latents}
+LATENTS: dict[str, Callable[[Task, pipeline.Job, pipeline.StepCallback], torch.Tensor]] = {
+    SD: sd_latents, sdxl_session.SDXL: sdxl_session.task_latents}
 
 
 class Cancelled(Exception):

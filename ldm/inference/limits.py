@@ -67,7 +67,8 @@ def _params(config: Any, *keys: str) -> Mapping[str, Any]:
 
 def unet_values(config: Any, latent_h: int, latent_w: int) -> int:
     """Activation values one UNet pass keeps per sample: its skip connections plus working room at each level."""
-    unet = _params(config, "model", "params", "unet_config", "params")
+    unet = (_params(config, "model", "params", "unet_config", "params")
+            or _params(config, "model", "params", "network_config", "params"))  # SDXL (sgm) configs
     mc, mults = int(unet.get("model_channels", 0)), list(unet.get("channel_mult", ()))
     nres = unet.get("num_res_blocks", 2)
     nres = list(nres) if not isinstance(nres, int) else [nres] * len(mults)

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import inpaint, limits, loading, pipeline
+from ldm.inference import inpaint, limits, loading, pipeline, sdxl_session
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.inference.outputs import OutputWriter, check_writable
@@ -125,6 +125,7 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     check_writable(opts.outdir / "samples")
     source = loading.resolve_source(opts.ckpt, opts.config, default_dir)
     config = loading.read_config(source.config_path, allow_unsafe=opts.unsafe_config)
+    opts = sdxl_session.plan_options(opts, config, source.ckpt_path)  # SDXL: its sampler, checkpoint roles
     geometry = loading.model_geometry(config, source.config_path)
     check_geometry(opts, geometry)
     inpaint.check_mode(opts.mode, config, source)
@@ -160,7 +161,8 @@ def settings(p: Plan) -> Settings:
     """The API's settings of a planned run."""
     o = p.opts
     return Settings(o.mode, o.negative_prompt, o.steps, o.sampler_choice, o.scale, p.width, p.height, eta=o.eta,
-                    strength=o.strength, init_image=p.init_image, canvas=p.canvas, inpaint=o.inpaint)
+                    strength=o.strength, init_image=p.init_image, canvas=p.canvas, inpaint=o.inpaint,
+                    sdxl=o.sdxl)
 
 
 def _save_batch(task: Task, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],

@@ -171,12 +171,13 @@ def check_fit(config: Any, ckpt: Optional[Path]) -> None:
     the config says otherwise, or the other way round (other files are checked when their weights load)."""
     if ckpt is None or ckpt.suffix.lower() != ".safetensors" or not ckpt.is_file():
         return
+    from ldm.checkpoint import CheckpointError
     from ldm.inference.loading import _keys_and_shapes
     from ldm.model_family import detect_family
 
     try:
         family = detect_family(_keys_and_shapes(ckpt)[0], ckpt.name)
-    except ValueError:
+    except (ValueError, CheckpointError):  # not a full model, or unreadable: the loader says which
         return
     wanted = ("sdxl-refiner" if is_refiner_config(config) else "sdxl") if is_sdxl_config(config) else None
     found = family.name if family.name in _ROLES else None
