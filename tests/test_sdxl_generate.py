@@ -539,3 +539,21 @@ def test_python_api_runs_sdxl_with_its_options(tiny):
     assert len(result.images) == 1 and result.images[0].size == (32, 32) and "Sampler: Euler" in result.parameters[0]
     other = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3, sampler="euler")
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(other.images[0]))  # the size conditioning
+
+
+def test_vae_flag_and_refiner_alone_in_img2img(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, base = tiny["base"]
+    vae = {k[len("first_stage_model."):]: v for k, v in load_file(str(base)).items()
+           if k.startswith("first_stage_model.")}
+    save_file(vae, str(tmp_path / "sdxl-vae-fix.safetensors"))
+    out = tmp_path / "vae"
+    assert _script("txt2img", ["--ckpt", str(base), "--vae", str(tmp_path / "sdxl-vae-fix.safetensors"),
+                               "--prompt", "a cat", *_common(out, steps=2)]) == 0
+    files, params = _parameters(out)
+    assert "VAE: sdxl-vae-fix" in params
+    out2 = tmp_path / "refine-only"  # the refiner alone is an img2img model (as the original's demo uses it)
+    assert _script("img2img", ["--ckpt", str(tiny["refiner"][1]), "--init-img", str(files[0]), "--strength", "0.3",
+                               "--prompt", "a cat", *_common(out2, steps=4)]) == 0
+    assert len(_parameters(out2)[0]) == 1
