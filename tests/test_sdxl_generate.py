@@ -557,3 +557,16 @@ def test_vae_flag_and_refiner_alone_in_img2img(tiny, tmp_path):
     assert _script("img2img", ["--ckpt", str(tiny["refiner"][1]), "--init-img", str(files[0]), "--strength", "0.3",
                                "--prompt", "a cat", *_common(out2, steps=4)]) == 0
     assert len(_parameters(out2)[0]) == 1
+
+
+def test_python_api_refuses_a_refiner_as_base_and_a_bad_refiner_before_any_work(tiny):
+    from ldm.api import Generator
+
+    refiner = Generator.load(tiny["refiner"][1], device="cpu")
+    with pytest.raises(UsageError, match="is an SDXL refiner"):
+        refiner.txt2img("a cat", width=32, height=32, steps=2)
+    base = Generator.load(tiny["base"][1], device="cpu")
+    with pytest.raises(UsageError, match="is an SDXL base model"):
+        base.txt2img("a cat", width=32, height=32, steps=2, sdxl=sdxl.SdxlOptions(refiner=str(tiny["base"][1])))
+    with pytest.raises(UsageError, match="not available for SDXL"):
+        base.inpaint(Image.new("RGB", (32, 32)), Image.new("L", (32, 32), 255), "a cat", steps=2)

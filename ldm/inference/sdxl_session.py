@@ -205,6 +205,13 @@ def session_for(m: Any, s: Any) -> SdxlSession:
     from ldm.inference.pipeline import image_tensor
 
     options = getattr(s, "sdxl", None) or SdxlOptions()
+    refiner = Path(options.refiner) if options.refiner is not None else None
+    check_role(m.config, Path(m.source.ckpt_path or m.source.config_path), s.mode, refiner)
+    if s.mode not in ("txt2img", "img2img"):
+        raise UsageError(f"{s.mode} is not available for SDXL models yet: use txt2img or img2img")
+    if refiner is not None:
+        check_refiner(refiner)  # before any work, not at the hand-off
+        options = dataclasses.replace(options, refiner=refiner)
     settings = SdxlSettings(s.mode, s.negative_prompt, s.steps, s.sampler, s.scale, s.width, s.height, s.eta,
                             s.strength, options)
     init = image_tensor(s.init_image, m.device) if s.mode == "img2img" and s.init_image is not None else None
