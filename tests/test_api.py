@@ -40,6 +40,7 @@ def test_txt2img_equals_the_script(gen, tmp_path):
     assert read_parameters(written) == result.parameters[0]
     assert np.array_equal(np.asarray(Image.open(written)), np.asarray(result.images[0]))
     assert result.seeds == [77] and result.info()["all_seeds"] == [77]
+    assert "Sampler: DDIM" in gen.txt2img(PROMPT, seed=77, **SMALL).parameters[0]  # no sampler: the scripts' default
 
 
 def test_progress_preview_and_cancel(gen):

@@ -539,6 +539,11 @@ def test_python_api_runs_sdxl_with_its_options(tiny):
     assert len(result.images) == 1 and result.images[0].size == (32, 32) and "Sampler: Euler" in result.parameters[0]
     other = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3, sampler="euler")
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(other.images[0]))  # the size conditioning
+    default = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3)  # no sampler: the original's
+    named = gen.txt2img("a cat", width=32, height=32, steps=2, seed=3, sampler=sdxl.DEFAULT_SAMPLER,
+                        schedule=sdxl.DEFAULT_SCHEDULE)
+    assert default.parameters == named.parameters
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(named.images[0]))
 
 
 def test_vae_flag_and_refiner_alone_in_img2img(tiny, tmp_path):

@@ -16,10 +16,12 @@ from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
 from ldm.inference import inpaint, limits, pipeline
 from ldm.inference.args import MAX_ETA, MAX_SCALE
 from ldm.inference.errors import UsageError
+from ldm.inference.sdxl import SDXL, default_options as sdxl_default_options
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2 ** 63
+DEFAULT_SAMPLER = "ddim"  # the original scripts' sampler, for SD 1/2 requests that name none
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Request:
     prompt: str
     negative_prompt: str = ""
     steps: int = 50
-    sampler: str = "ddim"
+    sampler: Optional[str] = None  # None: the model's own default (DDIM for SD 1/2, the original Euler for SDXL)
     schedule: Optional[str] = None  # None or "automatic": the sampler's default
     cfg_scale: float = 7.5
     seed: Optional[int] = None
@@ -113,10 +115,13 @@ def _check_numbers(m: LoadedModel, r: Request) -> None:
         raise UsageError(f"seed must be between 0 and 2**63 - 1 (or None for a random one), got {r.seed}")
 
 
-def _sampler(r: Request) -> samplers.SamplerChoice:
+def _sampler(m: LoadedModel, r: Request) -> samplers.SamplerChoice:
     schedule = None if r.schedule in (None, "", "automatic", "Automatic") else r.schedule
+    name = r.sampler
+    if name is None:  # as the scripts without --sampler
+        name, schedule = sdxl_default_options(None, schedule) if m.kind == SDXL else (DEFAULT_SAMPLER, schedule)
     try:
-        return samplers.resolve(r.sampler, schedule)
+        return samplers.resolve(name, schedule)
     except samplers.UnknownSampler as e:
         raise UsageError(str(e)) from None
 
@@ -171,7 +176,7 @@ def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
         strength = default if r.strength is None else r.strength
     width, height = width or m.geometry.native_pixels, height or m.geometry.native_pixels
     limits.check_size(width, height, False)
-    choice = _sampler(r)
+    choice = _sampler(m, r)
     return Settings(mode, r.negative_prompt, r.steps, choice, r.cfg_scale, width, height,
                     r.eta if choice.spec.stochastic else None, strength, init, canvas, opts, sdxl=r.sdxl)
 
