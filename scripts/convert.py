@@ -19,19 +19,14 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.inference.errors import EXIT_USAGE, UsageError  # noqa: E402
+from ldm.inference.errors import EXIT_USAGE, UsageError, UsageParser  # noqa: E402
 
 logger = logging.getLogger("convert")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = UsageParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="a .safetensors/.ckpt checkpoint, or a diffusers folder")
     p.add_argument("out", type=Path, help="the diffusers folder to write, or the .safetensors file to write")
     p.add_argument("--config", type=Path, default=None, help="model config yaml (default: as txt2img chooses it)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ldm import samplers
-from ldm.inference.errors import UsageError
+from ldm.inference.errors import UsageError, UsageParser
 from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
 PRECISIONS = ("full", "autocast")
@@ -76,13 +76,6 @@ class Options:
     def sampler_label(self) -> str:
         """The sampler's name as the common web UIs write it (``DDIM``, ``Euler a``, ``DPM++ 2M``)."""
         return self.sampler_choice.label
-
-
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors become UsageError (one message, exit status 2, handled by the scripts)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -247,7 +240,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
     what = {"txt2img": "images from text", "img2img": "a new image from an input image and text",
             "inpaint": "a new version of the masked part of an image (or a larger canvas) from text"}[mode]
-    p = _Parser(prog=f"{mode}.py", description=f"Generate {what} with a Stable Diffusion style model.")
+    p = UsageParser(prog=f"{mode}.py", description=f"Generate {what} with a Stable Diffusion style model.")
     _prompt_flags(p)
     _sampling_flags(p, mode)
     _model_flags(p)

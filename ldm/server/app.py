@@ -22,7 +22,7 @@ from ldm.server import images as b64
 from ldm.server.auth import BasicAuth, UploadLimit
 from ldm.server.models import find_loras
 from ldm.server.queue import Job, QueueFull
-from ldm.server.schemas import GenerationBody, Img2ImgBody, OptionsBody, PngInfoBody, Txt2ImgBody
+from ldm.server.schemas import Img2ImgBody, OptionsBody, PngInfoBody, Txt2ImgBody
 from ldm.server.service import Service
 
 logger = logging.getLogger(__name__)

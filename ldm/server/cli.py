@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ldm.inference.errors import EXIT_USAGE, UsageError
+from ldm.inference.errors import EXIT_USAGE, UsageError, UsageParser
 from ldm.server.schemas import Limits
 
 logger = logging.getLogger("ldm.server")
@@ -19,15 +19,10 @@ DEFAULT_PORT = 7860  # the web UI's
 LOCAL_HOST = "127.0.0.1"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of scripts/serve.py."""
     d = Limits()
-    p = _Parser(prog="serve.py", description="Serve a model over the AUTOMATIC1111 web UI's HTTP API, with a page.")
+    p = UsageParser(prog="serve.py", description="Serve a model over the AUTOMATIC1111 web UI's HTTP API, with a page.")
     net = p.add_argument_group("network")
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     net.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0), not only here")
