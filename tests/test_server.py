@@ -104,6 +104,45 @@ def test_progress_preview_and_interrupt(client, server):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
 
+def test_task_progress_follows_each_request_by_its_task_id(server):
+    """The web UI's ``force_task_id`` + ``POST /internal/progress``: a client sees its own job, not the one before it."""
+    def task(task_id: str) -> dict:
+        return httpx.post(f"{server.url}/internal/progress", json={"id_task": task_id, "id_live_preview": -1}).json()
+
+    def post(task_id: str, steps: int) -> None:
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=120,
+                   json={"prompt": PROMPT, "seed": 2, "width": 64, "height": 64, "steps": steps,
+                         "force_task_id": task_id})
+
+    assert task("never-sent") == {"active": False, "queued": False, "completed": False, "progress": None,
+                                  "eta": None, "live_preview": None, "id_live_preview": -1, "textinfo": "Waiting..."}
+    first = threading.Thread(target=post, args=("task(first)", 150))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not task("task(first)")["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = threading.Thread(target=post, args=("task(second)", 3))
+    second.start()
+    while not task("task(second)")["queued"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = task("task(second)")
+    assert waiting["queued"] and not waiting["active"] and waiting["textinfo"] == "In queue: 1/1"
+    running = task("task(first)")
+    while running["live_preview"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = task("task(first)")
+    assert running["active"] and 0 < running["progress"] < 1 and running["id_live_preview"] >= 1
+    assert running["live_preview"].startswith("data:image/png;base64,")
+    same = httpx.post(f"{server.url}/internal/progress",
+                      json={"id_task": "task(first)", "id_live_preview": running["id_live_preview"]}).json()
+    assert same["live_preview"] is None or same["id_live_preview"] > running["id_live_preview"]  # only newer ones
+    httpx.post(f"{server.url}/sdapi/v1/interrupt")
+    first.join(60)
+    second.join(60)
+    assert task("task(first)")["completed"] and task("task(second)")["completed"]
+    assert not task("task(second)")["active"] and not task("task(second)")["queued"]
+
+
 def test_samplers_schedulers_models_loras(client, server):
     names = client.util_get_sampler_names()
     assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -149,8 +150,8 @@ def page(browser, server) -> Page:
     p.js("""window.__sent = [];
             const original = window.fetch;
             window.fetch = (url, options) => {
-              if (options && options.method === 'POST' && options.body)
-                window.__sent.push({url: String(url), body: options.body});
+              if (options && options.method === 'POST' && options.body && !String(url).startsWith('/internal/'))
+                window.__sent.push({url: String(url), body: options.body});  // not the progress polls
               return original(url, options);
             };""")
     return p
@@ -301,6 +302,40 @@ def test_interrupt_ends_a_long_run_early(page):
     assert page.error() is None
     assert 1 <= len(page.cards()) < 4  # the images it had, not the four batches asked for
     assert not page.el("interrupt").is_enabled()
+
+
+def test_a_queued_request_shows_its_place_and_interrupt_withdraws_only_it(page):
+    """Behind another client's job the page says it waits (its own task id); Interrupt then withdraws the page's
+    request and leaves the other client's job running."""
+    other: list = []
+    client = threading.Thread(target=lambda: other.append(page.api("/sdapi/v1/txt2img", {
+        "prompt": PROMPT, "seed": 9, "width": SIZE, "height": SIZE, "steps": 150, "force_task_id": "task(other)"})))
+    client.start()
+    deadline = time.time() + 60
+    while not page.api("/internal/progress", {"id_task": "task(other)"})[1]["active"]:
+        assert time.time() < deadline, "the other client's job never started"
+        time.sleep(0.05)
+    page.fill(prompt=PROMPT, steps=4, width=SIZE, height=SIZE)
+    page.el("generate").click()
+    while page.el("progress-text").text != "In queue: 1/1":
+        assert time.time() < deadline, page.el("progress-text").text
+        time.sleep(0.05)
+    (sent,) = page.requests()
+    assert sent["force_task_id"].startswith("task(page-")
+    page.el("interrupt").click()
+    status = page.wait(timeout=60)
+    assert status.startswith("Interrupted: withdrawn"), status
+    assert page.error() is None and not page.cards()
+    withdrawn = time.time() + 10  # the server notices the closed request and drops the queued job
+    while page.api("/internal/progress", {"id_task": sent["force_task_id"]})[1]["queued"]:
+        assert time.time() < withdrawn, "the page's request stayed in the queue"
+        time.sleep(0.1)
+    assert page.api("/sdapi/v1/progress")[1]["state"]["queue_pending"] == 0
+    running = page.api("/internal/progress", {"id_task": "task(other)"})[1]
+    assert running["active"] and not page.api("/sdapi/v1/progress")[1]["state"]["interrupted"]
+    page.api("/sdapi/v1/interrupt", {})
+    client.join(60)
+    assert other and other[0][0] == 200 and json.loads(other[0][1]["info"])["interrupted"] is True
 
 
 def test_init_image_from_a_file(page, tmp_path):

@@ -22,7 +22,7 @@ from ldm.server import images as b64
 from ldm.server.auth import BasicAuth, UploadLimit
 from ldm.server.models import find_loras
 from ldm.server.queue import Job, QueueFull
-from ldm.server.schemas import Img2ImgBody, OptionsBody, PngInfoBody, Txt2ImgBody
+from ldm.server.schemas import Img2ImgBody, OptionsBody, PngInfoBody, TaskProgressBody, Txt2ImgBody
 from ldm.server.service import Service
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
             pairs = zip(result.images, result.parameters) if body.send_images else ()
             return result, [b64.encode_png(image, text) for image, text in pairs]
 
-        result, encoded = await _wait(service, service.queue.submit(mode, work), request)
+        result, encoded = await _wait(service, service.queue.submit(mode, work, body.force_task_id), request)
         echo = body.model_dump()
         if "init_images" in echo and not getattr(body, "include_init_images", False):  # as the web UI
             echo.update(init_images=None, mask=None)
@@ -139,6 +139,12 @@ def _add_generation(app: FastAPI, service: Service) -> None:
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
         """The running job's progress, the queue, the live preview."""
         return service.progress(skip_current_image)
+
+    @app.post("/internal/progress")
+    async def task_progress(body: TaskProgressBody) -> dict[str, Any]:
+        """One task's progress (``force_task_id`` of its request) and a newer live preview, as the web UI's page
+        asks for it."""
+        return service.task_progress(body.id_task, body.id_live_preview, body.live_preview)
 
     @app.post(f"{PREFIX}/interrupt")
     async def interrupt() -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
+FINISHED_KEPT = 1000  # finished task ids remembered for /internal/progress
+
 
 @dataclass
 class Job:
@@ -31,6 +33,8 @@ class Job:
     batch: int = 0
     batches: int = 0
     preview: Optional[str] = None  # base64 PNG of the current estimate
+    preview_id: int = 0  # counts the previews, so a client asks only for a newer one
+    task: Optional[str] = None  # the client's task id (the web UI's force_task_id), for /internal/progress
 
 
 class QueueFull(RuntimeError):
@@ -48,6 +52,7 @@ class JobQueue:
         self._stopping = False
         self.current: Optional[Job] = None
         self.completed = 0
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent task ids, in order
         self._thread = threading.Thread(target=self._loop, name="ldm-worker", daemon=True)
 
     def start(self) -> None:
@@ -66,9 +71,10 @@ class JobQueue:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, name: str, work: Callable[[Job], Any]) -> Job:
-        """Queue ``work(job)``; its result or exception arrives in ``job.future``."""
-        job = Job(next(self._ids), name, work)
+    def submit(self, name: str, work: Callable[[Job], Any], task: Optional[str] = None) -> Job:
+        """Queue ``work(job)``; its result or exception arrives in ``job.future``; ``task`` names it for
+        :meth:`task_state`."""
+        job = Job(next(self._ids), name, work, task=task)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
@@ -96,6 +102,14 @@ class JobQueue:
             return False
         job.cancel.set()
         return True
+
+    def task_state(self, task: str) -> tuple[Optional[Job], Optional[int], bool]:
+        """(the running job when it is ``task``, ``task``'s place in the queue (0 = next) or None, whether it
+        finished recently)."""
+        with self._cv:
+            running = self.current if self.current is not None and self.current.task == task else None
+            place = next((i for i, job in enumerate(self._pending) if job.task == task), None)
+            return running, place, task in self._finished
 
     def pending(self) -> int:
         """Jobs waiting to run."""
@@ -126,3 +140,7 @@ class JobQueue:
             with self._cv:
                 self.current = None
                 self.completed += 1
+                if job.task is not None:
+                    self._finished[job.task] = None
+                    while len(self._finished) > FINISHED_KEPT:
+                        self._finished.popitem(last=False)

@@ -47,6 +47,7 @@ class GenerationBody(_Body):
     save_images: bool = False
     override_settings: dict[str, Any] = Field(default_factory=dict)  # only sd_model_checkpoint is read
     override_settings_restore_afterwards: bool = True
+    force_task_id: Optional[str] = Field(None, max_length=200)  # the client's id for POST /internal/progress
 
     def sampler(self) -> str:
         """The sampler name the client chose (``sampler_name``, else ``sampler_index``, else Euler a)."""
@@ -88,6 +89,14 @@ class Img2ImgBody(GenerationBody):
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = Field(32, ge=0, le=256)
     include_init_images: bool = False
+
+
+class TaskProgressBody(_Body):
+    """``POST /internal/progress`` (the web UI's page uses it): one task's progress and a newer preview."""
+
+    id_task: Optional[str] = None
+    id_live_preview: int = -1
+    live_preview: bool = True
 
 
 class PngInfoBody(_Body):

@@ -116,6 +116,7 @@ class Service:
             interval = self.cfg.preview_interval
             if interval >= 0 and time.monotonic() - last_preview[0] >= interval:
                 job.preview = encode_png(p.preview())
+                job.preview_id += 1
                 last_preview[0] = time.monotonic()
 
         result = self.generator.run(request, mode, progress, job.cancel)
@@ -149,10 +150,7 @@ class Service:
         """The web UI's ``/progress`` answer: the running job's progress and the queue."""
         job, pending = self.queue.current, self.queue.pending()
         fraction = job.fraction if job is not None else 0.0
-        eta = 0.0
-        if job is not None and job.started is not None and fraction > 0:
-            elapsed = time.time() - job.started
-            eta = elapsed / fraction - elapsed
+        eta = _eta(job) or 0.0
         state = {"skipped": False, "interrupted": bool(job and job.cancel.is_set()),
                  "job": f"task({job.id})" if job else "", "job_count": pending + (job is not None),
                  "queue_pending": pending, "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(
@@ -162,3 +160,28 @@ class Service:
         image = job.preview if job is not None and not skip_image else None
         return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
                 "textinfo": None}
+
+    def task_progress(self, task: Optional[str], preview_id: int = -1, live_preview: bool = True) -> dict[str, Any]:
+        """The web UI's ``/internal/progress`` answer for one task (``force_task_id``): running, queued (with its
+        place) or completed; the preview only when newer than ``preview_id``."""
+        job, place, done = self.queue.task_state(task) if task else (None, None, False)
+        answer: dict[str, Any] = {"active": job is not None, "queued": place is not None, "completed": done,
+                                  "progress": None, "eta": None, "live_preview": None, "id_live_preview": -1,
+                                  "textinfo": "Waiting..."}
+        if place is not None:
+            answer["textinfo"] = f"In queue: {place + 1}/{self.queue.pending()}"
+        if job is None:
+            return answer
+        answer.update(progress=job.fraction, eta=_eta(job), id_live_preview=preview_id,
+                      textinfo=f"Step {job.step}/{job.steps}, batch {job.batch + 1}/{max(job.batches, 1)}")
+        if live_preview and job.preview is not None and job.preview_id != preview_id:
+            answer.update(live_preview="data:image/png;base64," + job.preview, id_live_preview=job.preview_id)
+        return answer
+
+
+def _eta(job: Optional[Job]) -> Optional[float]:
+    """Seconds the running ``job`` still needs, from its pace so far; None before its first step."""
+    if job is None or job.started is None or job.fraction <= 0:
+        return None
+    elapsed = time.time() - job.started
+    return elapsed / job.fraction - elapsed

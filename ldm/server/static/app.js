@@ -16,6 +16,7 @@ const state = {
   interrupted: false,
   lastSeed: null,
   model: null,         // model_name of the checkpoint the server has loaded
+  task: null,          // this page's running request: its force_task_id, and the AbortController that withdraws it
 };
 const gallery = new Gallery($("gallery"), $("gallery-count"), $("gallery-empty"), {
   onSend: (src) => sendToImg2img(src),
@@ -39,9 +40,23 @@ async function api(path, options = {}) {
   return body;
 }
 
-function postJSON(path, payload) {
+function postJSON(path, payload, signal = undefined) {
   const headers = { "Content-Type": "application/json" };
-  return api(path, { method: "POST", headers, body: JSON.stringify(payload) });
+  return api(path, { method: "POST", headers, body: JSON.stringify(payload), signal });
+}
+
+// Where this page's request stands (the web UI's /internal/progress): {active, queued, completed, textinfo...};
+// null when the server cannot say.
+async function taskState(id) {
+  try {
+    const response = await fetch("/internal/progress", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id_task: id, live_preview: false }),
+    });
+    return response.ok ? await response.json() : null;
+  } catch (_) {
+    return null;
+  }
 }
 
 // A readable sentence from an error response: `detail` when it is a sentence, else the server's one-line
@@ -197,14 +212,18 @@ async function generate(event) {
   }
   const run = ++state.run;
   const started = performance.now();
+  const task = { id: `task(page-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)})`,
+                 controller: new AbortController() };
+  payload.force_task_id = task.id;
+  state.task = task;
   state.interrupted = false;
   setBusy(true);
   $("progress-bar").value = 0;
   setStatus("Starting…");
   if (NARROW.matches) $("progress-bar").scrollIntoView({ block: "start", behavior: "smooth" });  // one column
-  pollProgress(run, payload.n_iter);
+  pollProgress(run, payload.n_iter, task.id);
   try {
-    const result = await postJSON(`/${state.mode}`, payload);
+    const result = await postJSON(`/${state.mode}`, payload, task.controller.signal);
     const added = showResults(result);
     $("progress-bar").value = 100;
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
@@ -212,9 +231,14 @@ async function generate(event) {
     setStatus(state.interrupted || parseInfo(result.info).interrupted ? `Interrupted: ${what}` : `Done: ${what}`);
   } catch (err) {
     $("progress-bar").value = 0;
-    setStatus(state.interrupted ? "Interrupted" : "Failed");
-    showError(err.message);
+    if (task.controller.signal.aborted) {
+      setStatus("Interrupted: withdrawn from the queue before it started");
+    } else {
+      setStatus(state.interrupted ? "Interrupted" : "Failed");
+      showError(err.message);
+    }
   } finally {
+    state.task = null;
     state.run += 1;   // stops this run's poller
     setBusy(false);
     $("preview").hidden = true;
@@ -225,6 +249,12 @@ async function interrupt() {
   if (!state.busy) return;
   state.interrupted = true;
   setStatus("Interrupting…");
+  const task = state.task;
+  const mine = task ? await taskState(task.id) : null;
+  if (task && mine && mine.queued) {   // still waiting behind other jobs: withdraw it, stop nobody else's
+    task.controller.abort();
+    return;
+  }
   try {
     await api("/interrupt", { method: "POST" });
   } catch (err) {
@@ -256,11 +286,18 @@ async function switchModel() {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-async function pollProgress(run, batches) {
+// While the request waits behind other jobs the line says so; the server's /progress describes the running job,
+// so it is read only once that job is this page's own.
+async function pollProgress(run, batches, taskId) {
   for (let poll = 1; state.run === run; poll += 1) {
     await sleep(POLL_MS);
     if (state.run !== run) return;
     try {
+      const mine = await taskState(taskId);
+      if (mine && !mine.active) {
+        if (mine.queued && !state.interrupted && state.run === run) setStatus(mine.textinfo);
+        continue;
+      }
       const progress = await api(`/progress?skip_current_image=${poll % PREVIEW_EVERY !== 2}`);
       if (state.run === run) showProgress(progress, batches);
     } catch (_) {
