@@ -67,7 +67,7 @@ def tune_decoder(autoencoder: nn.Module, cfg: DecoderTuning, device: str | torch
         loss.backward()
         optimizer.step()
         schedule.step()
-        running += float(loss)
+        running += loss.item()
         if step % cfg.log_every == 0:
             losses.append(running / cfg.log_every)
             logger.info("decoder step %d/%d: L1 %.4f (%.0f s)", step, cfg.steps, losses[-1], time.time() - start)
