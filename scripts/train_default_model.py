@@ -7,7 +7,7 @@
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
 latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
-from its EMA weights -> export of config.yaml and EMA-only model.safetensors. Outputs of finished stages in
+from its EMA weights -> export of config.yaml and EMA-only model.safetensors -> decoder-only fine-tuning. Outputs of finished stages in
 --workdir are reused when the command is run again.
 """
 from __future__ import annotations
@@ -51,6 +51,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per training process (default 1: CLIP and autoencoder train side by side; "
                         "0 leaves torch's default)")
+    p.add_argument("--precision", default=d.precision, choices=["32", "bf16"],
+                   help="precision of the diffusion model's training (default 32; bf16: autocast, faster on CPUs "
+                        "with bfloat16 instructions and on GPUs)")
     p.add_argument("--sequential", action="store_true", help="train CLIP and the autoencoder one after the other")
     p.add_argument("--seed", type=int, default=d.seed)
     q = Polish(model_dir=Path("."))
@@ -68,7 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune_decoder", type=Path, metavar="MODEL_DIR",
                    help="instead, fine-tune only the decoder of this exported model (encoder, UNet, text encoder "
                         "unchanged; L1 on whole pictures) and export to --out")
-    p.add_argument("--decoder_steps", type=int, default=t.steps, help=f"steps of that ({t.steps})")
+    p.add_argument("--decoder_steps", type=int, default=t.steps,
+                   help=f"steps of that, and of the decoder-only stage that ends a run from nothing ({t.steps}; 0 "
+                        "skips that stage)")
     p.add_argument("--decoder_batch", type=int, default=t.batch_size, help=f"its batch size ({t.batch_size})")
     p.add_argument("--decoder_lr", type=float, default=t.learning_rate, help=f"its learning rate ({t.learning_rate})")
     p.add_argument("--decoder_crop", type=int, default=t.crop, help=f"its picture crops ({t.crop}; 256: whole)")
@@ -81,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
-                    unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps), unet_procs=args.unet_procs,
-                    device=args.device, threads=args.threads, parallel=not args.sequential, seed=args.seed)
+                    unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps),
+                    decoder_steps=args.decoder_steps, unet_procs=args.unet_procs,
+                    device=args.device, threads=args.threads, precision=args.precision, parallel=not args.sequential, seed=args.seed)
     for start in (args.polish, args.tune_decoder):
         if start is not None and Path(start).resolve() == recipe.out_dir:
             raise SystemExit("choose an --out other than the model being fine-tuned (measure it first)")

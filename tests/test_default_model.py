@@ -238,6 +238,31 @@ def test_decoder_tuning_changes_only_the_decoder():
     assert any(k.startswith("decoder.") for k in changed) and len(losses) == 2
 
 
+def test_recipe_ends_with_the_decoder_tuning_over_the_exported_weights(tmp_path, monkeypatch):
+    from ldm.default_model import decoder_tune
+    from ldm.default_model import recipe as rec
+
+    calls = []
+
+    def fake_tune(model_dir, out_dir, cfg, device="cpu"):
+        calls.append((model_dir, out_dir, cfg.steps, device))
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.safetensors").write_bytes(b"tuned")
+        return out_dir / "model.safetensors"
+
+    monkeypatch.setattr(decoder_tune, "tune_exported_decoder", fake_tune)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"exported")
+    r = rec.Recipe(workdir=tmp_path / "work", out_dir=out, decoder_steps=0)
+    assert rec.tune_decoder(r) == out / "model.safetensors" and calls == []  # 0 steps: skipped
+    r.decoder_steps = 300
+    assert rec.tune_decoder(r) == out / "model.safetensors"
+    assert calls == [(out, tmp_path / "work" / "decoder-tuned", 300, "cpu")]
+    assert (out / "model.safetensors").read_bytes() == b"tuned"
+    assert rec.Recipe(workdir=tmp_path, out_dir=out).decoder_steps == decoder_tune.DecoderTuning().steps == 300
+
+
 def test_emphasis_weights_the_drawn_combinations():
     from collections import Counter
 
@@ -294,6 +319,9 @@ def test_polishing_fine_tunes_the_exported_model_on_its_own_latents(tmp_path, mo
     assert name == "polish" and [b.name for b in base] == ["ldm-train.yaml", "ldm-finetune.yaml"]
     assert f"model.params.ckpt_path={MODEL_DIR / 'model.safetensors'}" in overrides
     assert "trainer.max_steps=300" in overrides and "model.base_learning_rate=1e-05" in overrides
+    assert "trainer.precision=32" in overrides  # the recipe's default; --precision bf16 autocasts
+    r.precision = "bf16"
+    assert "trainer.precision=bf16" in rec._diffusion_overrides(r, tmp_path / "c", tmp_path / "i", 0.7, 10)
     assert ema == tmp_path / "polish" / "checkpoints" / "last-ema.safetensors" and out == r.out_dir
     assert cfg.model.params.scale_factor == 0.7 and cfg.model.params.use_ema is False
     assert (r.out_dir / "clip_visual.safetensors").exists() and "total" in timings

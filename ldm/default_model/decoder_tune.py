@@ -26,7 +26,7 @@ DECODER_PREFIXES = ("first_stage_model.decoder.", "first_stage_model.post_quant_
 class DecoderTuning:
     """Settings of the decoder fine-tuning."""
 
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 4
     learning_rate: float = 2e-4
     warmup: int = 50

@@ -1,7 +1,7 @@
 """The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
 
 data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> min-SNR fine-tuning
-rounds -> export. Every stage writes its outputs into the work folder and is skipped when they are already there,
+rounds -> export -> decoder-only fine-tuning. Every stage writes its outputs into the work folder and is skipped when they are already there,
 so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer
 (scripts/train.py) in subprocesses.
 """
@@ -42,10 +42,14 @@ class Recipe:
     # min-SNR rounds after the first diffusion stage (ldm-finetune.yaml), each from the previous round's EMA with a
     # fresh optimizer and learning-rate cycle; () skips them
     finetune_steps: tuple[int, ...] = (5000, 2500)
+    decoder_steps: int = 300  # decoder-only fine-tuning of the exported model (decoder_tune.py); 0 skips it
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
     threads: int = 1
+    # trainer.precision of the diffusion runs: "32", or "bf16" (autocast; 1.8x faster UNet steps on a CPU with
+    # avx512_bf16, scripts/benchmark notes in the model README)
+    precision: str = "32"
     parallel: bool = True
     seed: int = 23
     timings: dict[str, float] = field(default_factory=dict)
@@ -183,7 +187,7 @@ def _diffusion_overrides(recipe: Recipe, cache: Path, init: Path, scale: float, 
             f"data.params.train.params.path={cache}", f"trainer.max_steps={steps}",
             f"model.params.scheduler_config.params.cycle_lengths=[{steps}]",
             f"data.params.batch_size={max(1, recipe.unet_batch // max(1, recipe.unet_procs))}",
-            f"trainer.checkpoint_every_n_steps={max(1, steps // 4)}"]
+            f"trainer.checkpoint_every_n_steps={max(1, steps // 4)}", f"trainer.precision={recipe.precision}"]
 
 
 def train_diffusion(recipe: Recipe, cache: Path, init: Path, scale: float) -> Path:
@@ -253,8 +257,8 @@ def polish_cache(recipe: Recipe, polish: Polish) -> tuple[Path, float]:
              "emphasis": polish.emphasis, "emphasis_images": polish.emphasis_images,
              "emphasis_seed": polish.emphasis_seed}
     if not (cache.exists() and info.exists() and json.loads(info.read_text(encoding="utf-8")) == stamp):
-        if recipe.threads > 0:
-            torch.set_num_threads(recipe.threads)
+        if recipe.threads > 0:  # nothing else runs meanwhile: the training processes' threads together
+            torch.set_num_threads(recipe.threads * max(1, recipe.unet_procs))
         model = build(config)
         load_weights(model, read_checkpoint(polish.model_dir / "model.safetensors")[0], use_ema=None,
                      source=str(polish.model_dir))
@@ -292,6 +296,24 @@ def polish_model(recipe: Recipe, polish: Polish) -> dict[str, Any]:
     return dict(recipe.timings)
 
 
+def tune_decoder(recipe: Recipe) -> Path:
+    """Decoder-only fine-tuning (decoder_tune.py) of the exported model, written over ``out_dir``'s weights
+    (the encoder is unchanged, so the latents the UNet learnt stay valid); skipped when ``decoder_steps`` is 0."""
+    weights = recipe.out_dir / "model.safetensors"
+    if recipe.decoder_steps <= 0:
+        return weights
+    import torch
+
+    from ldm.default_model.decoder_tune import DecoderTuning, tune_exported_decoder
+
+    if recipe.threads > 0:  # nothing else runs meanwhile
+        torch.set_num_threads(recipe.threads * max(1, recipe.unet_procs))
+    tuned = tune_exported_decoder(recipe.out_dir, recipe.workdir / "decoder-tuned",
+                                  DecoderTuning(steps=recipe.decoder_steps), recipe.device)
+    shutil.copyfile(tuned, weights)
+    return weights
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     """All stages; returns the timings (seconds) per stage and in total."""
     recipe.workdir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +324,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     ema = _timed(recipe, "diffusion", train_diffusion, recipe, cache, init, scale)
     ema = _timed(recipe, "finetune", finetune_diffusion, recipe, cache, ema, scale)
     _timed(recipe, "export", export, recipe, ema, clip, scale)
+    _timed(recipe, "decoder", tune_decoder, recipe)
     recipe.timings["total"] = round(time.time() - start, 1)
     (recipe.workdir / "timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")
     return dict(recipe.timings)
