@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ldm.data.synthetic_shapes import render_item  # noqa: E402
+from ldm.data.synthetic_shapes import combinations, render_item  # noqa: E402
 from ldm.default_model.evaluation import (Adherence, batched, clip_from_parts, clip_scores,  # noqa: E402
                                           evaluation_prompts, psnr, reconstruct)
 from ldm.checkpoint import load_weights, read_checkpoint  # noqa: E402
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="pictures per sampling batch (default 32)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompt/seed pairs (quick checks)")
     p.add_argument("--every", type=int, default=1, help="evaluate only every Nth prompt/seed pair (a subset that "
-                   "still covers every colour, shape and background; 3: 75 of the 224 prompts of a seed)")
+                   "must still cover every colour, shape and background; 3: 75 of the 224 prompts of a seed)")
     p.add_argument("--real", type=int, default=224, help="real pictures for the PSNR and reference scores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -69,6 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         resolve(args.sampler, args.schedule)
     except ValueError as e:
         p.error(str(e))
+    picked = evaluation_prompts(list(range(max(1, args.seeds))))[::max(1, args.every)]
+    for index, (what, values) in enumerate(zip(("colours", "shapes", "backgrounds"), zip(*combinations()))):
+        missing = sorted(set(values) - {combo[index] for _, combo, _ in picked})
+        if missing:
+            p.error(f"--every {args.every} with --seeds {args.seeds} leaves out the {what} {', '.join(missing)}: "
+                    "pick a step with no common factor with 7 or 2 (3, 5, 9, ...)")
     for name in ("out", "grid", "save_latents"):
         path = getattr(args, name)
         if path is not None and path.exists():  # found before the minutes of generation, not after

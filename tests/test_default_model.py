@@ -196,6 +196,10 @@ def test_evaluate_refuses_to_overwrite_results(tmp_path, capsys):
     assert err.value.code == 2 and "already exists" in capsys.readouterr().err
     assert existing.read_text(encoding="utf-8") == "keep me"
     assert script.parse_args(["--out", str(tmp_path / "new.json")]).out == tmp_path / "new.json"
+    with pytest.raises(SystemExit):  # every 7th of the 224 prompts: only two backgrounds
+        script.parse_args(["--every", "7"])
+    assert "leaves out the backgrounds black, blue, orange, purple, white, yellow" in capsys.readouterr().err
+    assert script.parse_args(["--every", "3"]).every == 3
 
 
 def test_recipe_finetuning_rounds_chain_the_ema_weights(tmp_path, monkeypatch):
@@ -261,6 +265,25 @@ def test_recipe_ends_with_the_decoder_tuning_over_the_exported_weights(tmp_path,
     assert calls == [(out, tmp_path / "work" / "decoder-tuned", 300, "cpu")]
     assert (out / "model.safetensors").read_bytes() == b"tuned"
     assert rec.Recipe(workdir=tmp_path, out_dir=out).decoder_steps == decoder_tune.DecoderTuning().steps == 300
+
+
+def test_recipe_polishes_a_copy_of_the_exported_model(tmp_path, monkeypatch):
+    from ldm.default_model import recipe as rec
+
+    calls = []
+    monkeypatch.setattr(rec, "polish_model", lambda r, p: calls.append((p.model_dir, p.steps, p.emphasis,
+                                                                        sorted(x.name for x in p.model_dir.iterdir()))))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("config.yaml", "model.safetensors"):
+        (out / name).write_text(name)
+    r = rec.Recipe(workdir=tmp_path / "work", out_dir=out, polish_steps=0)
+    assert rec.polish_exported(r) == out / "model.safetensors" and calls == []  # 0 steps: skipped
+    r.polish_steps = 40
+    rec.polish_exported(r)
+    assert calls == [(tmp_path / "work" / "before-polish", 40, rec.Polish(Path(".")).emphasis,
+                      ["config.yaml", "model.safetensors"])]
+    assert rec.Recipe(workdir=tmp_path, out_dir=out).polish_steps == rec.Polish(Path(".")).steps
 
 
 def test_emphasis_weights_the_drawn_combinations():
