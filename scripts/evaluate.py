@@ -168,8 +168,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                              args.sampler, args.schedule)
         sampled.append(latents.float().cpu())
         images = decode(model, latents)
-        for picture, (_, combo, _) in zip(to_uint8(images), part):
-            adherence.add(picture, *combo)
+        for picture, (_, combo, seed) in zip(to_uint8(images), part):
+            adherence.add(picture, *combo, seed=seed)
         pictures.append((images * 2 - 1).cpu())
         logger.info("%d/%d pictures, all-three so far %.3f (%.0f s)", adherence.total, len(jobs),
                     adherence.rates()["all"], time.time() - start)

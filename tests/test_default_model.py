@@ -172,6 +172,9 @@ def test_adherence_counts_and_psnr():
     wrong_bg = next(c for c in COLOURS if c not in (scene.colour, scene.background))
     check.add(np.asarray(image), scene.colour, scene.shape, wrong_bg)
     assert check.rates() == {"colour": 1.0, "shape": 1.0, "background": 0.5, "all": 0.5}
+    assert "seed" not in check.breakdown()
+    check.add(np.asarray(image), scene.colour, scene.shape, scene.background, seed=2)
+    assert check.breakdown()["seed"] == {"2": 1.0} and check.total == 3
     assert len(evaluation_prompts([0, 1])) == 448
     x = torch.rand(2, 3, 8, 8)
     assert psnr(x, x).min() > 90 and abs(float(psnr(x, x + 0.1).mean()) - 20.0) < 1e-3

@@ -28,8 +28,10 @@ class Adherence:
     by_group: dict[str, dict[str, list[int]]] = field(default_factory=lambda: defaultdict(dict))
     misses: Counter = field(default_factory=Counter)  # "attribute: prompted -> read" of the wrong readings
 
-    def add(self, picture: np.ndarray, colour: str, shape: str, background: str) -> dict[str, bool]:
-        """Classify one RGB uint8 picture [H, W, 3] generated for this combination; returns the agreement."""
+    def add(self, picture: np.ndarray, colour: str, shape: str, background: str,
+            seed: int | None = None) -> dict[str, bool]:
+        """Classify one RGB uint8 picture [H, W, 3] generated for this combination (and ``seed``, counted as a
+        group of its own when given); returns the agreement."""
         reading = read_picture(picture)
         match = reading.matches(colour, shape, background)
         for name, wanted, seen in (("colour", colour, reading.colour), ("shape", shape, reading.shape),
@@ -39,7 +41,8 @@ class Adherence:
         self.total += 1
         for k in ATTRIBUTES:
             self.hits[k] += int(match[k])
-        for group, value in (("colour", colour), ("shape", shape), ("background", background)):
+        groups = [("colour", colour), ("shape", shape), ("background", background)]
+        for group, value in groups + ([("seed", str(seed))] if seed is not None else []):
             counts = self.by_group[group].setdefault(value, [0, 0])
             counts[0] += int(match["all"])
             counts[1] += 1
@@ -50,7 +53,7 @@ class Adherence:
         return {k: self.hits[k] / max(1, self.total) for k in ATTRIBUTES}
 
     def breakdown(self) -> dict[str, dict[str, float]]:
-        """All-three rate per prompted colour, shape and background."""
+        """All-three rate per prompted colour, shape and background (and seed, when given)."""
         return {g: {v: c[0] / c[1] for v, c in sorted(values.items())} for g, values in self.by_group.items()}
 
 
