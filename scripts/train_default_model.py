@@ -1,13 +1,14 @@
 """Retrain the embedded default model (models/ldm/sd-shapes) from nothing, with the project's own code.
 
-    python scripts/train_default_model.py                       # CPU: about 3 h 15 min on 2 cores
+    python scripts/train_default_model.py                       # CPU: about 5 h on 2 cores
     python scripts/train_default_model.py --device cuda --threads 0
-    python scripts/train_default_model.py --polish models/ldm/sd-shapes --out /tmp/polished   # short fine-tuning
+    python scripts/train_default_model.py --polish models/ldm/sd-shapes --out /tmp/polished   # fine-tuning only
     python scripts/train_default_model.py --tune_decoder models/ldm/sd-shapes --out /tmp/tuned  # decoder only
 
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
 latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
-from its EMA weights -> export of config.yaml and EMA-only model.safetensors -> decoder-only fine-tuning. Outputs of finished stages in
+from its EMA weights -> export of config.yaml and EMA-only model.safetensors -> decoder-only
+fine-tuning -> shape-weighted min-SNR fine-tuning on fresh pictures (--polish's stage). Outputs of finished stages in
 --workdir are reused when the command is run again.
 """
 from __future__ import annotations
@@ -60,7 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--polish", type=Path, metavar="MODEL_DIR",
                    help="instead of training from nothing, fine-tune this exported model (min-SNR, ldm-finetune.yaml) "
                         "on plain + emphasised pictures encoded by its own autoencoder, and export to --out")
-    p.add_argument("--polish_steps", type=int, default=q.steps, help=f"steps of that fine-tuning ({q.steps})")
+    p.add_argument("--polish_steps", type=int, default=q.steps,
+                   help=f"steps of that fine-tuning, and of the one that ends a run from nothing ({q.steps}; 0 skips "
+                        "that stage)")
     p.add_argument("--plain_images", type=int, default=q.plain_images,
                    help=f"plain training pictures in it ({q.plain_images})")
     p.add_argument("--emphasis_images", type=int, default=q.emphasis_images,
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
                     unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps),
-                    decoder_steps=args.decoder_steps, unet_procs=args.unet_procs,
+                    decoder_steps=args.decoder_steps, polish_steps=args.polish_steps, unet_procs=args.unet_procs,
                     device=args.device, threads=args.threads, precision=args.precision, parallel=not args.sequential, seed=args.seed)
     for start in (args.polish, args.tune_decoder):
         if start is not None and Path(start).resolve() == recipe.out_dir:

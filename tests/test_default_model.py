@@ -267,6 +267,9 @@ def test_recipe_ends_with_the_decoder_tuning_over_the_exported_weights(tmp_path,
     assert rec.tune_decoder(r) == out / "model.safetensors"
     assert calls == [(out, tmp_path / "work" / "decoder-tuned", 300, "cpu")]
     assert (out / "model.safetensors").read_bytes() == b"tuned"
+    (out / "model.safetensors").write_bytes(b"exported again")  # a resumed run: the tuned weights are reused
+    rec.tune_decoder(r)
+    assert len(calls) == 1 and (out / "model.safetensors").read_bytes() == b"tuned"
     assert rec.Recipe(workdir=tmp_path, out_dir=out).decoder_steps == decoder_tune.DecoderTuning().steps == 300
 
 

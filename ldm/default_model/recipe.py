@@ -1,8 +1,8 @@
 """The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
 
 data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> min-SNR fine-tuning
-rounds -> export -> decoder-only fine-tuning. Every stage writes its outputs into the work folder and is skipped when they are already there,
-so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer
+rounds -> export -> decoder-only fine-tuning -> shape-weighted fine-tuning (Polish). Every stage writes its outputs
+into the work folder and is skipped when they are already there, so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer
 (scripts/train.py) in subprocesses.
 """
 from __future__ import annotations
@@ -42,13 +42,14 @@ class Recipe:
     # min-SNR rounds after the first diffusion stage (ldm-finetune.yaml), each from the previous round's EMA with a
     # fresh optimizer and learning-rate cycle; () skips them
     finetune_steps: tuple[int, ...] = (5000, 2500)
+    polish_steps: int = 5000  # the last stage: Polish (shape-weighted min-SNR fine-tuning); 0 skips it
     decoder_steps: int = 300  # decoder-only fine-tuning of the exported model (decoder_tune.py); 0 skips it
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
     device: str = "cpu"
     threads: int = 1
-    # trainer.precision of the diffusion runs: "32", or "bf16" (autocast; 1.8x faster UNet steps on a CPU with
-    # avx512_bf16, scripts/benchmark notes in the model README)
+    # trainer.precision of the diffusion runs: "32", or "bf16" (autocast; the UNet's steps ran 1.8x faster on the
+    # development machine's avx512_bf16 CPU, see models/ldm/sd-shapes/README.md)
     precision: str = "32"
     parallel: bool = True
     seed: int = 23
@@ -233,17 +234,24 @@ class Polish:
     (more of the weak shapes and colours), every picture encoded by that model's own autoencoder."""
 
     model_dir: Path  # config.yaml + model.safetensors (+ clip_visual.safetensors) to start from
-    steps: int = 1500
-    plain_images: int = 2000  # the training data's first pictures (recipe data_seed)
-    emphasis_images: int = 2000
-    emphasis: str = "triangle=3,red=2,orange=2"
+    steps: int = 5000
+    plain_images: int = 4000  # the training data's first pictures (recipe data_seed)
+    emphasis_images: int = 6000
+    emphasis: str = "star=3,triangle=2.5,square=2.5"
     emphasis_seed: int = 5
     learning_rate: float | None = None  # base learning rate (per picture); None: the config's
 
 
+def _use_training_threads(recipe: Recipe) -> None:
+    """In-process work that runs alone (encoding, decoder tuning) takes the threads of all training processes."""
+    if recipe.threads > 0:
+        import torch
+
+        torch.set_num_threads(recipe.threads * max(1, recipe.unet_procs))
+
+
 def polish_cache(recipe: Recipe, polish: Polish) -> tuple[Path, float]:
     """Latent cache of the polishing data encoded by ``polish.model_dir``'s autoencoder; (cache, scale_factor)."""
-    import torch
     from torch.utils.data import ConcatDataset
 
     from ldm.checkpoint import load_weights, read_checkpoint
@@ -257,8 +265,7 @@ def polish_cache(recipe: Recipe, polish: Polish) -> tuple[Path, float]:
              "emphasis": polish.emphasis, "emphasis_images": polish.emphasis_images,
              "emphasis_seed": polish.emphasis_seed}
     if not (cache.exists() and info.exists() and json.loads(info.read_text(encoding="utf-8")) == stamp):
-        if recipe.threads > 0:  # nothing else runs meanwhile: the training processes' threads together
-            torch.set_num_threads(recipe.threads * max(1, recipe.unet_procs))
+        _use_training_threads(recipe)
         model = build(config)
         load_weights(model, read_checkpoint(polish.model_dir / "model.safetensors")[0], use_ema=None,
                      source=str(polish.model_dir))
@@ -285,8 +292,8 @@ def polish_model(recipe: Recipe, polish: Polish) -> dict[str, Any]:
     ema = checkpoints / "last-ema.safetensors"
     from ldm.default_model.export import export_model, inference_config
 
-    _timed(recipe, "export", export_model, ema, inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), scale),
-           recipe.out_dir)
+    _timed(recipe, "polish-export", export_model, ema,
+           inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), scale), recipe.out_dir)
     visual = polish.model_dir / "clip_visual.safetensors"
     if visual.exists() and visual.resolve() != (recipe.out_dir / visual.name).resolve():
         recipe.out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,15 +309,27 @@ def tune_decoder(recipe: Recipe) -> Path:
     weights = recipe.out_dir / "model.safetensors"
     if recipe.decoder_steps <= 0:
         return weights
-    import torch
-
     from ldm.default_model.decoder_tune import DecoderTuning, tune_exported_decoder
 
-    if recipe.threads > 0:  # nothing else runs meanwhile
-        torch.set_num_threads(recipe.threads * max(1, recipe.unet_procs))
-    tuned = tune_exported_decoder(recipe.out_dir, recipe.workdir / "decoder-tuned",
-                                  DecoderTuning(steps=recipe.decoder_steps), recipe.device)
+    tuned = recipe.workdir / "decoder-tuned" / "model.safetensors"
+    if not tuned.exists():
+        _use_training_threads(recipe)
+        tuned = tune_exported_decoder(recipe.out_dir, tuned.parent, DecoderTuning(steps=recipe.decoder_steps),
+                                      recipe.device)
     shutil.copyfile(tuned, weights)
+    return weights
+
+
+def polish_exported(recipe: Recipe) -> Path:
+    """The recipe's last stage: ``Polish`` (with ``polish_steps``) of the exported, decoder-tuned model, whose
+    files are first copied to ``workdir/before-polish``; the result replaces ``out_dir``'s weights."""
+    weights = recipe.out_dir / "model.safetensors"
+    if recipe.polish_steps <= 0:
+        return weights
+    before = recipe.workdir / "before-polish"
+    if not (recipe.workdir / "polish" / "checkpoints" / "last.ckpt").exists():  # else: a finished run's start
+        shutil.copytree(recipe.out_dir, before, dirs_exist_ok=True)
+    polish_model(recipe, Polish(model_dir=before, steps=recipe.polish_steps))
     return weights
 
 
@@ -325,6 +344,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     ema = _timed(recipe, "finetune", finetune_diffusion, recipe, cache, ema, scale)
     _timed(recipe, "export", export, recipe, ema, clip, scale)
     _timed(recipe, "decoder", tune_decoder, recipe)
+    _timed(recipe, "polish", polish_exported, recipe)
     recipe.timings["total"] = round(time.time() - start, 1)
     (recipe.workdir / "timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")
     return dict(recipe.timings)
