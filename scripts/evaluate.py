@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         resolve(args.sampler, args.schedule)
     except ValueError as e:
         p.error(str(e))
-    picked = evaluation_prompts(list(range(max(1, args.seeds))))[::max(1, args.every)]
+    picked = selected_jobs(max(1, args.seeds), args.every)
     for index, (what, values) in enumerate(zip(("colours", "shapes", "backgrounds"), zip(*combinations()))):
         missing = sorted(set(values) - {combo[index] for _, combo, _ in picked})
         if missing:
@@ -80,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path is not None and path.exists():  # found before the minutes of generation, not after
             p.error(f"--{name} {path} already exists: choose a new path or remove the file first")
     return args
+
+
+def selected_jobs(seeds: int, every: int) -> list[tuple[str, tuple[str, str, str], int]]:
+    """The (prompt, combination, seed) jobs of ``--seeds`` and ``--every`` (before ``--limit``)."""
+    return evaluation_prompts(list(range(seeds)))[::max(1, every)]
 
 
 def real_pictures(count: int) -> tuple[torch.Tensor, list[Any]]:
@@ -155,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                "sampler": resolve(args.sampler, args.schedule).combined_label}
     real, scenes = real_pictures(args.real)
     results.update(check_real(model, real, scenes))
-    jobs = evaluation_prompts(list(range(args.seeds)))[::max(1, args.every)]
+    jobs = selected_jobs(args.seeds, args.every)
     if args.limit > 0:
         jobs = jobs[:args.limit]
     adherence, pictures, start = Adherence(), [], time.time()
