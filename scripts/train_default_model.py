@@ -69,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--emphasis_images", type=int, default=q.emphasis_images,
                    help=f"emphasised pictures in it ({q.emphasis_images})")
     p.add_argument("--emphasis", default=q.emphasis, help=f"their shape/colour weights ({q.emphasis})")
+    p.add_argument("--emphasis_seed", type=int, default=q.emphasis_seed,
+                   help=f"data seed of the emphasised pictures ({q.emphasis_seed}; another seed for a further round "
+                        "draws new positions, sizes and combinations)")
     p.add_argument("--polish_lr", type=float, default=None, help="base learning rate (default: the config's)")
     t = DecoderTuning()
     p.add_argument("--tune_decoder", type=Path, metavar="MODEL_DIR",
@@ -107,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.polish is not None:
         timings = polish_model(recipe, Polish(
             model_dir=Path(args.polish).resolve(), steps=args.polish_steps, plain_images=args.plain_images,
-            emphasis_images=args.emphasis_images, emphasis=args.emphasis, learning_rate=args.polish_lr))
+            emphasis_images=args.emphasis_images, emphasis=args.emphasis, emphasis_seed=args.emphasis_seed,
+            learning_rate=args.polish_lr))
     else:
         timings = run(recipe)
     logger.info("default model written to %s; seconds per stage: %s", recipe.out_dir, json.dumps(timings))

@@ -354,3 +354,21 @@ def test_polishing_fine_tunes_the_exported_model_on_its_own_latents(tmp_path, mo
     assert ema == tmp_path / "polish" / "checkpoints" / "last-ema.safetensors" and out == r.out_dir
     assert cfg.model.params.scale_factor == 0.7 and cfg.model.params.use_ema is False
     assert (r.out_dir / "clip_visual.safetensors").exists() and "total" in timings
+
+
+def test_polish_command_passes_its_data_choices_to_the_stage(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_default_model_script",
+                                                  ROOT / "scripts" / "train_default_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    monkeypatch.setattr(script, "polish_model", lambda recipe, polish: seen.append(polish) or {"total": 0.0})
+    assert script.main(["--polish", str(MODEL_DIR), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path),
+                        "--emphasis", "circle=2", "--emphasis_seed", "11", "--polish_steps", "7"]) == 0
+    (polish,) = seen
+    assert (polish.emphasis, polish.emphasis_seed, polish.steps) == ("circle=2", 11, 7)
+    assert polish.model_dir == MODEL_DIR.resolve()
+    with pytest.raises(SystemExit, match="--out other than"):
+        script.main(["--polish", str(MODEL_DIR), "--out", str(MODEL_DIR)])
