@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixture import _no_network, make_config, server, start_server  # noqa: F401 (fixtures)
+from server_fixture import _no_network, make_config, server, shared_generator, start_server  # noqa: F401 (fixtures)
 from ldm.inference.metadata import parse_parameters
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -326,3 +326,50 @@ def test_img2img_size_limit_counts_the_picture(server):
     body = {"init_images": [base64.b64encode(buffer.getvalue()).decode()], "prompt": "x", "steps": 2}
     answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
     assert answer.status_code == 422 and "send width and height" in answer.json()["message"]
+
+
+def test_answers_and_saved_files_carry_the_watermark(tmp_path, server):
+    from ldm.inference.loading import default_watermark
+    from ldm.modules.watermark import put_watermark
+
+    body = {"prompt": PROMPT, "seed": 8, "width": 256, "height": 256, "steps": 2}
+    plain = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120).json()  # --no_watermark
+    running = start_server(make_config(tmp_path, watermark=True))
+    try:
+        answer = httpx.post(f"{running.url}/sdapi/v1/txt2img", json={**body, "save_images": True}, timeout=120).json()
+        payload = default_watermark(running.service.generator.loaded.geometry)
+    finally:
+        running.stop()
+    unmarked, sent = (Image.open(io.BytesIO(base64.b64decode(a["images"][0]))) for a in (plain, answer))
+    saved = Image.open(tmp_path / "outputs" / "txt2img-samples" / "samples" / "00000.png")
+    assert not np.array_equal(np.asarray(sent), np.asarray(unmarked))
+    np.testing.assert_array_equal(np.asarray(sent), np.asarray(put_watermark(unmarked.convert("RGB"), payload)))
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(sent))  # marked once, saved as sent
+    assert _params(saved)["Seed"] == "8" and sent.info["parameters"] == saved.info["parameters"]
+
+
+def test_safety_and_watermark_flags_reach_the_service(tmp_path, monkeypatch):
+    from ldm.inference.errors import UsageError
+    from ldm.server import service as svc
+    from ldm.server.cli import build_parser, server_config
+
+    parse = build_parser().parse_args
+    cfg = server_config(parse([]))
+    assert cfg.watermark and cfg.safety_check and cfg.safety_checker is None  # the scripts' defaults
+    cfg = server_config(parse(["--no_safety_check", "--no_watermark"]))
+    assert not cfg.watermark and not cfg.safety_check
+    assert server_config(parse(["--safety_checker", str(tmp_path)])).safety_checker == tmp_path
+    with pytest.raises(UsageError, match="contradict"):
+        server_config(parse(["--safety_checker", str(tmp_path), "--no_safety_check"]))
+    with pytest.raises(UsageError, match="does not exist"):
+        server_config(parse(["--safety_checker", str(tmp_path / "missing")]))
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append(kwargs)
+        return shared_generator()
+
+    monkeypatch.setattr(svc.Generator, "load", fake_load)
+    service = svc.Service(make_config(tmp_path, safety_checker=tmp_path))
+    service.close()
+    assert seen[0]["safety_check"] is True and seen[0]["safety_checker"] == tmp_path

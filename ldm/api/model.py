@@ -77,11 +77,13 @@ def build(source: loading.ModelSource, config: Any, geometry: loading.ModelGeome
 
 def load(ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, vae: Optional[str | Path] = None,
          loras: Sequence[str] = (), device: Optional[str] = None, precision: str = "autocast", bf16: bool = False,
-         use_ema: Optional[bool] = None, safety_check: bool = False, unsafe_config: bool = False,
-         default_dir: Optional[Path] = None) -> LoadedModel:
+         use_ema: Optional[bool] = None, safety_check: bool = False, safety_checker: Optional[str | Path] = None,
+         unsafe_config: bool = False, default_dir: Optional[Path] = None) -> LoadedModel:
     """Load a model once: ``ckpt`` (file or diffusers folder; None: the shipped default model), its ``config``
     (None: beside it or inferred), an external ``vae``, ``loras`` as ``PATH[:WEIGHT]``, ``device`` (None: cuda when
-    present) and ``precision`` (``autocast`` or ``full``). Bad input raises ``UsageError``/``CheckpointError``."""
+    present), ``precision`` (``autocast`` or ``full``) and, with ``safety_check``, the NSFW checker from
+    ``safety_checker`` (None: ``models/safety_checker`` when there). Bad input raises ``UsageError`` or
+    ``CheckpointError``."""
     from ldm.inference.args import resolve_device
     from ldm.modules.lora import parse_lora_flag
 
@@ -97,4 +99,5 @@ def load(ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
     specs = [parse_lora_flag(str(spec)) for spec in loras]
     return build(source, cfg, geometry, device=device, use_ema=use_ema, vae=Path(vae) if vae else None, loras=specs,
                  precision=precision, bf16=bf16, safety_check=safety_check,
+                 safety_checker=Path(safety_checker) if safety_checker is not None else None,
                  speed=SimpleNamespace(precision=precision, bf16=bf16))

@@ -368,14 +368,16 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         vae=_check_file(ns.vae, "--vae", "VAE"), use_ema=ns.use_ema, seed=ns.seed, precision=ns.precision,
         bf16=ns.bf16, device=resolve_device(ns.device), skip_grid=ns.skip_grid, skip_save=ns.skip_save,
         repeat=ns.repeat, watermark=not ns.no_watermark, watermark_text=ns.watermark_text,
-        safety_check=not ns.no_safety_check, safety_checker=_check_safety_path(ns),
+        safety_check=not ns.no_safety_check, safety_checker=check_safety_path(ns),
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
         fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint,
         loras=_lora_specs(ns.lora), sampler_given=ns.sampler is not None or ns.plms or ns.dpm,
         sdxl=sdxl_args.options_from(ns, _check_file(getattr(ns, "refiner", None), "--refiner", "checkpoint")))
 
 
-def _check_safety_path(ns: argparse.Namespace) -> Optional[Path]:
+def check_safety_path(ns: argparse.Namespace) -> Optional[Path]:
+    """The ``--safety_checker`` folder (None when not given); UsageError when it contradicts --no_safety_check or
+    is not a folder."""
     path = ns.safety_checker
     if path is None:
         return None

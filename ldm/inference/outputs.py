@@ -21,6 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.inference.errors import UsageError
+from ldm.modules.watermark import Payload
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,29 @@ def make_grid(images: Sequence[Image.Image], n_rows: int, padding: int = 2) -> I
     return Image.fromarray(grid)
 
 
+class Watermarker:
+    """Embeds ``payload`` (None: nothing) as the invisible watermark; pictures too small for it pass unmarked,
+    with one warning."""
+
+    def __init__(self, payload: Optional[Payload] = None):
+        self.payload = payload
+        self._told_too_small = False
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """``image`` with the watermark (or unchanged, see the class)."""
+        if self.payload is None:
+            return image
+        from ldm.modules.watermark import put_watermark, watermark_fits
+
+        if not watermark_fits(*image.size):
+            if not self._told_too_small:
+                self._told_too_small = True
+                logger.warning("%dx%d images are too small for the invisible watermark (it needs 256x256 pixels); "
+                               "left without it", *image.size)
+            return image
+        return put_watermark(image, self.payload)
+
+
 class OutputWriter:
     """Saves samples and grids under ``outdir`` with watermark and metadata; remembers what it wrote."""
 
@@ -185,25 +209,12 @@ class OutputWriter:
         self.outdir = Path(outdir)
         self.sample_dir = self.outdir / "samples"
         self.watermark_text = watermark_text
+        self._mark = Watermarker(watermark_text)
         self.save_samples = save_samples
         self.save_grid = save_grid
         self.n_rows = max(1, n_rows)
         self.written: list[Path] = []
         self._next_sample: Optional[int] = None
-        self._told_too_small = False
-
-    def _mark(self, image: Image.Image) -> Image.Image:
-        if self.watermark_text is None:
-            return image
-        from ldm.modules.watermark import put_watermark, watermark_fits
-
-        if not watermark_fits(*image.size):
-            if not self._told_too_small:
-                self._told_too_small = True
-                logger.warning("%dx%d images are too small for the invisible watermark (it needs 256x256 pixels); "
-                               "saved without it", *image.size)
-            return image
-        return put_watermark(image, self.watermark_text)
 
     def sample(self, image: Image.Image, parameters: Optional[str]) -> Optional[Path]:
         """Write one image as ``samples/NNNNN.png`` (unless samples are skipped); returns its path."""

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("outputs and limits")
     o.add_argument("--outdir", type=Path, default=Path("outputs"),
                    help="save_images writes to OUTDIR/<txt2img|img2img|inpaint>-samples/samples (default outputs)")
-    o.add_argument("--no_watermark", action="store_true", help="save without the invisible watermark")
+    o.add_argument("--no_watermark", action="store_true",
+                   help="answer and save without the invisible watermark")
+    o.add_argument("--no_safety_check", action="store_true", help="switch the NSFW safety checker off")
+    o.add_argument("--safety_checker", type=Path, default=None,
+                   help="folder with the safety checker (default: models/safety_checker when there)")
     o.add_argument("--preview_every", type=float, default=1.0, metavar="SECONDS",
                    help="decode a live preview at most this often (default 1; negative: never)")
     o.add_argument("--max_pixels", type=int, default=d.max_pixels, help=f"width x height (default {d.max_pixels})")
@@ -91,13 +95,15 @@ def check_args(ns: argparse.Namespace) -> str:
 
 def server_config(ns: argparse.Namespace) -> "ServerConfig":
     """The service settings of parsed flags."""
+    from ldm.inference.args import check_safety_path
     from ldm.server.service import ServerConfig
 
     limits = Limits(ns.max_pixels, ns.max_steps, ns.max_batch_size, ns.max_n_iter, int(ns.max_upload_mb * 2 ** 20),
                     ns.max_queue)
     return ServerConfig(ckpt=ns.ckpt, config=ns.config, vae=ns.vae, loras=tuple(ns.lora or ()), device=ns.device,
                         precision=ns.precision, ckpt_dirs=tuple(ns.ckpt_dir or ()), outdir=ns.outdir,
-                        watermark=not ns.no_watermark, preview_interval=ns.preview_every, limits=limits,
+                        watermark=not ns.no_watermark, safety_check=not ns.no_safety_check,
+                        safety_checker=check_safety_path(ns), preview_interval=ns.preview_every, limits=limits,
                         auth=ns.api_auth)
 
 
@@ -118,8 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"the server needs FastAPI and uvicorn ({e}): pip install -e '.[server]'") from None
         from ldm.server.service import Service
 
+        cfg = server_config(ns)
         sock = bind(host, ns.port)  # before the model loads: a taken port fails at once
-        service = Service(server_config(ns))
+        try:
+            service = Service(cfg)
+        except BaseException:
+            sock.close()
+            raise
     except (UsageError, CheckpointError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE

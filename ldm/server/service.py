@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 
 from ldm.api import Generator, Progress, Request, Result
 from ldm.inference.errors import UsageError
-from ldm.inference.outputs import OutputWriter
+from ldm.inference.loading import default_watermark
+from ldm.inference.outputs import OutputWriter, Watermarker
 from ldm.server.images import encode_png
 from ldm.server.models import Checkpoint, default_checkpoint, find_checkpoints
 from ldm.server.queue import Job, JobQueue
@@ -30,7 +31,9 @@ class ServerConfig:
     precision: str = "autocast"
     ckpt_dirs: Sequence[Path] = ()
     outdir: Path = Path("outputs")
-    watermark: bool = True
+    watermark: bool = True  # in the answers and the saved files
+    safety_check: bool = True  # the NSFW checker (models/safety_checker, or safety_checker) on every image
+    safety_checker: Optional[Path] = None
     preview_interval: float = 1.0  # seconds between live previews; negative: none
     limits: Limits = field(default_factory=Limits)
     auth: Optional[str] = None  # "user:pass"
@@ -48,10 +51,15 @@ class Service:
         self.cfg = cfg
         self.queue = JobQueue(cfg.limits.max_queue)
         self.generator = generator or Generator.load(cfg.ckpt, cfg.config, vae=cfg.vae, loras=cfg.loras,
-                                                     device=cfg.device, precision=cfg.precision)
+                                                     device=cfg.device, precision=cfg.precision,
+                                                     **self._safety())
+        self._mark: Optional[Watermarker] = None
         self.checkpoints = self._catalogue()
         self.current = self._matching(cfg.ckpt or self.weights, self.weights)
         self.queue.start()
+
+    def _safety(self) -> dict[str, Any]:
+        return {"safety_check": self.cfg.safety_check, "safety_checker": self.cfg.safety_checker}
 
     @property
     def weights(self) -> Path:
@@ -102,7 +110,7 @@ class Service:
             return
         logger.info("loading %s", entry.title)
         loaded = Generator.load(entry.ckpt, entry.config, vae=self.cfg.vae, device=self.generator.loaded.device,
-                                precision=self.cfg.precision, loras=self.cfg.loras)
+                                precision=self.cfg.precision, loras=self.cfg.loras, **self._safety())
         self.generator.close()
         self.generator = loaded
         self.current = self._matching(entry.filename, self.weights)
@@ -120,6 +128,8 @@ class Service:
                 last_preview[0] = time.monotonic()
 
         result = self.generator.run(request, mode, progress, job.cancel)
+        if self.cfg.watermark:  # the answer's images and the saved files alike
+            result.images = [self._watermarker()(image) for image in result.images]
         if save and result.images:
             self.save(result, mode)
         return result
@@ -137,12 +147,17 @@ class Service:
             if checkpoint is not None and restore:
                 self.switch(previous)
 
-    def save(self, result: Result, mode: str) -> list[Path]:
-        """Write the images as the scripts do: ``outdir/<mode>-samples/samples/NNNNN.png`` with parameters."""
-        from ldm.inference.loading import default_watermark
+    def _watermarker(self) -> Watermarker:
+        """The loaded model family's watermark (one per payload, so a too-small size is told once)."""
+        payload = default_watermark(self.generator.loaded.geometry)
+        if self._mark is None or self._mark.payload != payload:
+            self._mark = Watermarker(payload)
+        return self._mark
 
-        watermark = default_watermark(self.generator.loaded.geometry) if self.cfg.watermark else None
-        writer = OutputWriter(self.cfg.outdir / f"{mode}-samples", watermark, save_samples=True, save_grid=False)
+    def save(self, result: Result, mode: str) -> list[Path]:
+        """Write the images (already watermarked by ``generate``) as the scripts do:
+        ``outdir/<mode>-samples/samples/NNNNN.png`` with parameters."""
+        writer = OutputWriter(self.cfg.outdir / f"{mode}-samples", None, save_samples=True, save_grid=False)
         return [path for image, params in zip(result.images, result.parameters)
                 if (path := writer.sample(image, params)) is not None]
 
