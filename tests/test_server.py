@@ -373,3 +373,29 @@ def test_safety_and_watermark_flags_reach_the_service(tmp_path, monkeypatch):
     service = svc.Service(make_config(tmp_path, safety_checker=tmp_path))
     service.close()
     assert seen[0]["safety_check"] is True and seen[0]["safety_checker"] == tmp_path
+
+
+def test_api_auth_from_a_file(tmp_path, caplog):
+    from ldm.inference.errors import UsageError
+    from ldm.server.cli import build_parser, check_args, server_config
+
+    parse = build_parser().parse_args
+    secret = tmp_path / "auth.txt"
+    secret.write_text("\nuser:s3cret\n", encoding="utf-8")
+    secret.chmod(0o600)
+    ns = parse(["--listen", "--api-auth-file", str(secret)])
+    assert check_args(ns) == "0.0.0.0" and server_config(ns).auth == "user:s3cret"  # a password: may listen
+    assert "other users" not in caplog.text
+    secret.chmod(0o644)
+    check_args(parse(["--api-auth-file", str(secret)]))
+    assert "chmod 600" in caplog.text
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    for argv, words in ((["--api-auth-file", str(tmp_path / "missing")], "cannot read"),
+                        (["--api-auth-file", str(tmp_path / "empty.txt")], "is empty"),
+                        (["--api-auth-file", str(secret), "--api-auth", "a:b"], "contradict"),
+                        (["--api-auth-file", str(tmp_path / "empty.txt"), "--listen"], "is empty")):
+        with pytest.raises(UsageError, match=words):
+            check_args(parse(argv))
+    secret.write_text("nopassword\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="USER:PASSWORD"):
+        check_args(parse(["--api-auth-file", str(secret)]))

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default=None, help="the address to bind (default 127.0.0.1; 0.0.0.0 with --listen)")
     net.add_argument("--api-auth", "--api_auth", dest="api_auth", default=None, metavar="USER:PASSWORD",
                      help="require HTTP basic auth with these credentials for every request")
+    net.add_argument("--api-auth-file", "--api_auth_file", dest="api_auth_file", type=Path, default=None,
+                     metavar="PATH", help="the same, read from the first line of a file (kept out of the process "
+                                          "list and the shell history)")
     net.add_argument("--insecure", action="store_true",
                      help="allow listening on a non-local address without --api-auth (anyone reaching it can use it)")
     m = p.add_argument_group("model")
@@ -79,6 +82,8 @@ def check_args(ns: argparse.Namespace) -> str:
     host = ns.host or ("0.0.0.0" if ns.listen else LOCAL_HOST)
     if not 0 < ns.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {ns.port}")
+    if ns.api_auth_file is not None:
+        ns.api_auth = read_auth_file(ns.api_auth_file, ns.api_auth)
     if ns.api_auth is not None:
         try:
             parse_credentials(ns.api_auth)
@@ -91,6 +96,23 @@ def check_args(ns: argparse.Namespace) -> str:
         if getattr(ns, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(ns, flag)}")
     return host
+
+
+def read_auth_file(path: Path, given: Optional[str]) -> str:
+    """The ``USER:PASSWORD`` on the first non-blank line of ``path``; UsageError when unreadable, empty or given
+    twice. A file others may read gets a warning."""
+    if given is not None:
+        raise UsageError("--api-auth and --api-auth-file contradict each other: keep one")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--api-auth-file: cannot read '{path}' ({e}); write USER:PASSWORD on its first line") \
+            from None
+    if not lines:
+        raise UsageError(f"--api-auth-file '{path}' is empty; write USER:PASSWORD on its first line")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        logger.warning("--api-auth-file '%s' can be read by other users: chmod 600 it", path)
+    return lines[0]
 
 
 def server_config(ns: argparse.Namespace) -> "ServerConfig":
