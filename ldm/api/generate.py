@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -13,14 +12,12 @@ from PIL import Image
 from ldm import samplers
 from ldm.api.model import LoadedModel
 from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
-from ldm.inference import inpaint, limits, pipeline
-from ldm.inference.args import MAX_ETA, MAX_SCALE
+from ldm.inference import inpaint, limits, pipeline, ranges
 from ldm.inference.errors import UsageError
 from ldm.inference.sdxl import SDXL, default_options as sdxl_default_options
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2 ** 63
 DEFAULT_SAMPLER = "ddim"  # the original scripts' sampler, for SD 1/2 requests that name none
 
 
@@ -97,22 +94,15 @@ def valid_side(name: str, value: int, factor: int) -> int:
 def _check_numbers(m: LoadedModel, r: Request) -> None:
     if not isinstance(r.prompt, str):
         raise UsageError("prompt must be a text")
-    for name, value, low in (("steps", r.steps, 1), ("batch_size", r.batch_size, 1), ("n_iter", r.n_iter, 1),
-                             ("width", r.width, 1), ("height", r.height, 1), ("mask_blur", r.mask_blur, 0),
-                             ("full_res_padding", r.full_res_padding, 0)):
-        if value is not None and value < low:
-            raise UsageError(f"{name} must be at least {low}, got {value}")
+    ranges.at_least((("steps", r.steps, 1), ("batch_size", r.batch_size, 1), ("n_iter", r.n_iter, 1),
+                     ("width", r.width, 1), ("height", r.height, 1), ("mask_blur", r.mask_blur, 0),
+                     ("full_res_padding", r.full_res_padding, 0)))
     if r.steps > m.geometry.timesteps:
         raise UsageError(f"steps {r.steps} exceeds the model's {m.geometry.timesteps} diffusion timesteps")
-    if not math.isfinite(r.cfg_scale) or abs(r.cfg_scale) > MAX_SCALE:
-        raise UsageError(f"cfg_scale must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g}, "
-                         f"got {r.cfg_scale}")
-    if r.eta is not None and not 0.0 <= r.eta <= MAX_ETA:
-        raise UsageError(f"eta must be between 0 and {MAX_ETA:g}, got {r.eta}")
-    if r.strength is not None and not 0.0 <= r.strength <= 1.0:
-        raise UsageError(f"strength (denoising_strength) must be between 0 and 1, got {r.strength}")
-    if r.seed is not None and not 0 <= r.seed < MAX_SEED:
-        raise UsageError(f"seed must be between 0 and 2**63 - 1 (or None for a random one), got {r.seed}")
+    ranges.guidance_scale("cfg_scale", r.cfg_scale)
+    ranges.eta("eta", r.eta)
+    ranges.strength("strength (denoising_strength)", r.strength)
+    ranges.seed("seed", r.seed, none_means="a random one")
 
 
 def _sampler(m: LoadedModel, r: Request) -> samplers.SamplerChoice:

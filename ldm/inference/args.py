@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ldm import samplers
-from ldm.inference import sdxl_args
+from ldm.inference import ranges, sdxl_args
 from ldm.inference.errors import UsageError, UsageParser
 from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
@@ -272,40 +271,22 @@ def _check_ckpt(path: Optional[Path]) -> Optional[Path]:
     return _check_file(path, "--ckpt", "checkpoint")
 
 
-MAX_SCALE = 50.0  # |--scale| above this only saturates the picture (the common web UIs stop at 30)
-MAX_ETA = 1.0  # DDIM's eta > 1 makes the noise larger than the remaining signal allows (NaN pictures)
-
-
 def _max_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
 def _check_ranges(ns: argparse.Namespace) -> None:
-    for flag, value, low in (("--ddim_steps/--steps", ns.steps, 1), ("--n_samples", ns.n_samples, 1),
-                             ("--n_iter", ns.n_iter, 1), ("--repeat", ns.repeat, 1), ("--n_rows", ns.n_rows, 0),
-                             ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1),
-                             ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1)):
-        if value is not None and value < low:
-            raise UsageError(f"{flag} must be at least {low}, got {value}")
-    eta = ns.ddim_eta if ns.ddim_eta is not None else 0.0
-    for flag, value in (("--scale", ns.scale), ("--ddim_eta", eta), ("--strength", ns.strength)):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-    if not 0 <= ns.seed < 2 ** 63:
-        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {ns.seed}")
-    if eta < 0:
-        raise UsageError(f"--ddim_eta must be >= 0, got {ns.ddim_eta}")
-    if eta > MAX_ETA:
-        raise UsageError(f"--ddim_eta must be at most {MAX_ETA:g} (1: as much noise as DDPM), got {ns.ddim_eta}")
-    if abs(ns.scale) > MAX_SCALE:
-        raise UsageError(f"--scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g} (7.5 is usual; larger values "
-                         f"only saturate the picture), got {ns.scale}")
+    ranges.at_least((("--ddim_steps/--steps", ns.steps, 1), ("--n_samples", ns.n_samples, 1),
+                     ("--n_iter", ns.n_iter, 1), ("--repeat", ns.repeat, 1), ("--n_rows", ns.n_rows, 0),
+                     ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1),
+                     ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1)))
+    ranges.guidance_scale("--scale", ns.scale)
+    ranges.eta("--ddim_eta", ns.ddim_eta)
+    ranges.strength("--strength", ns.strength)
+    ranges.seed("--seed", ns.seed)
     if ns.threads is not None and ns.threads > _max_threads():
         raise UsageError(f"--threads {ns.threads} is more than 4 per CPU core ({os.cpu_count()} cores here): use "
                          f"at most {_max_threads()}, or leave it out")
-    if not 0.0 <= ns.strength <= 1.0:
-        raise UsageError(f"--strength must be between 0 and 1 (0 keeps the input image, 1 replaces it), "
-                         f"got {ns.strength}")
 
 
 def _check_sampler(ns: argparse.Namespace, choice: samplers.SamplerChoice) -> None:
