@@ -33,7 +33,7 @@ class EmbeddingError(ValueError):
 
 def _read_file(path: Path) -> Mapping[str, Any]:
     """The top-level mapping of an embedding file, read safely (no code runs)."""
-    from ldm.checkpoint import CheckpointError, _read_pickle
+    from ldm.checkpoint_files import CheckpointError, _read_pickle
 
     if path.stat().st_size == 0:
         raise EmbeddingError(f"embedding file '{path}' is empty (0 bytes): copy it again or remove it")
