@@ -13,7 +13,7 @@ from ldm.training.config import load_config
 from tiny_model import load_script, pixels, samples
 
 MODEL_DIR = ROOT / "models" / "ldm" / "sd-shapes"
-SIZE = 128  # 16x16 latents: a quarter of the model's pixels, for speed
+SIZE = 256  # the model's own size (at 128 the polished model draws "zorp" red or yellow after 60 LoRA steps)
 
 
 def _training_pictures(root, n: int = 8) -> None:
