@@ -40,16 +40,23 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling (spatial dims only for 3D), optionally followed by a 3x3 conv."""
+class _Resample(nn.Module):
+    """What Upsample and Downsample record: channels in and out, whether a conv resamples, the dims."""
 
-    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None,
-                 padding: int = 1) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int, out_channels: int | None) -> None:
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour x2 upsampling (spatial dims only for 3D), optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None,
+                 padding: int = 1) -> None:
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
@@ -68,16 +75,12 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """Stride-2 downsampling: a 3x3 conv (``use_conv``) or average pooling."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None,
                  padding: int = 1) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
