@@ -8,8 +8,9 @@
 Stages: synthetic data -> small CLIP (contrastive) and KL autoencoder (scripts/train.py), side by side ->
 latent cache -> cross-attention UNet with CFG dropout and EMA (scripts/train.py), then min-SNR fine-tuning rounds
 from its EMA weights -> export of config.yaml and EMA-only model.safetensors -> decoder-only
-fine-tuning -> shape-weighted min-SNR fine-tuning on fresh pictures (--polish's stage). Outputs of finished stages in
---workdir are reused when the command is run again.
+fine-tuning -> shape-weighted min-SNR fine-tuning rounds on fresh pictures (--polish's stage, once per round of
+POLISH_ROUNDS in ldm/default_model/recipe.py). Outputs of finished stages in --workdir are reused when the command is
+run again.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ldm.default_model.decoder_tune import DecoderTuning, tune_exported_decoder  # noqa: E402
-from ldm.default_model.recipe import Polish, Recipe, polish_model, run  # noqa: E402
+from ldm.default_model.recipe import POLISH_ROUNDS, Polish, PolishRound, Recipe, polish_model, run  # noqa: E402
 
 logger = logging.getLogger("train_default_model")
 
@@ -61,9 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--polish", type=Path, metavar="MODEL_DIR",
                    help="instead of training from nothing, fine-tune this exported model (min-SNR, ldm-finetune.yaml) "
                         "on plain + emphasised pictures encoded by its own autoencoder, and export to --out")
-    p.add_argument("--polish_steps", type=int, default=q.steps,
-                   help=f"steps of that fine-tuning, and of the one that ends a run from nothing ({q.steps}; 0 skips "
-                        "that stage)")
+    p.add_argument("--polish_steps", type=int, default=None,
+                   help=f"steps of that fine-tuning ({q.steps}); in a run from nothing, the steps of each of its "
+                        "closing polish rounds (default: each round's own; 0 skips them)")
+    p.add_argument("--polish_rounds", type=int, default=len(POLISH_ROUNDS),
+                   help="how many of the recipe's polish rounds end a run from nothing, in order (default all "
+                        f"{len(POLISH_ROUNDS)}: " + "; ".join(f"{r.steps} steps, {r.emphasis}, seed {r.emphasis_seed}"
+                                                              for r in POLISH_ROUNDS) + ")")
     p.add_argument("--plain_images", type=int, default=q.plain_images,
                    help=f"plain training pictures in it ({q.plain_images})")
     p.add_argument("--emphasis_images", type=int, default=q.emphasis_images,
@@ -86,6 +92,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _polish_rounds(args: argparse.Namespace) -> tuple[PolishRound, ...]:
+    """The polish rounds a run from nothing ends with (--polish_rounds of them, with --polish_steps when given)."""
+    if not 0 <= args.polish_rounds <= len(POLISH_ROUNDS):
+        raise SystemExit(f"--polish_rounds must be 0 to {len(POLISH_ROUNDS)}, got {args.polish_rounds}")
+    rounds = POLISH_ROUNDS[:args.polish_rounds]
+    if args.polish_steps is None:
+        return rounds
+    if args.polish_steps < 0:
+        raise SystemExit(f"--polish_steps must be 0 or more, got {args.polish_steps}")
+    return () if args.polish_steps == 0 else tuple(replace(r, steps=args.polish_steps) for r in rounds)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every stage and print the time each took."""
     args = parse_args(argv)
@@ -93,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = Recipe(workdir=Path(args.workdir).resolve(), out_dir=Path(args.out).resolve(), images=args.images,
                     clip_steps=args.clip_steps, ae_steps=args.ae_steps, ae_full_steps=args.ae_full_steps,
                     unet_steps=args.unet_steps, finetune_steps=tuple(args.finetune_steps),
-                    decoder_steps=args.decoder_steps, polish_steps=args.polish_steps, unet_procs=args.unet_procs,
-                    device=args.device, threads=args.threads, precision=args.precision, parallel=not args.sequential, seed=args.seed)
+                    decoder_steps=args.decoder_steps, polish_rounds=_polish_rounds(args), unet_procs=args.unet_procs,
+                    device=args.device, threads=args.threads, precision=args.precision, parallel=not args.sequential,
+                    seed=args.seed)
     for start in (args.polish, args.tune_decoder):
         if start is not None and Path(start).resolve() == recipe.out_dir:
             raise SystemExit("choose an --out other than the model being fine-tuned (measure it first)")
@@ -108,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("decoder written to %s", tune_exported_decoder(args.tune_decoder, recipe.out_dir, cfg, args.device))
         return 0
     if args.polish is not None:
+        steps = Polish.steps if args.polish_steps is None else args.polish_steps
         timings = polish_model(recipe, Polish(
-            model_dir=Path(args.polish).resolve(), steps=args.polish_steps, plain_images=args.plain_images,
+            model_dir=Path(args.polish).resolve(), steps=steps, plain_images=args.plain_images,
             emphasis_images=args.emphasis_images, emphasis=args.emphasis, emphasis_seed=args.emphasis_seed,
             learning_rate=args.polish_lr))
     else:

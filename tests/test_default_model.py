@@ -1,6 +1,7 @@
 """The embedded default model (models/ldm/sd-shapes) and the code that trains, exports and evaluates it."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -273,23 +274,60 @@ def test_recipe_ends_with_the_decoder_tuning_over_the_exported_weights(tmp_path,
     assert rec.Recipe(workdir=tmp_path, out_dir=out).decoder_steps == decoder_tune.DecoderTuning().steps == 300
 
 
-def test_recipe_polishes_a_copy_of_the_exported_model(tmp_path, monkeypatch):
+def test_recipe_polishes_a_copy_of_the_exported_model_round_after_round(tmp_path, monkeypatch):
     from ldm.default_model import recipe as rec
 
     calls = []
-    monkeypatch.setattr(rec, "polish_model", lambda r, p: calls.append((p.model_dir, p.steps, p.emphasis,
-                                                                        sorted(x.name for x in p.model_dir.iterdir()))))
-    out = tmp_path / "out"
+
+    def fake_polish(r, p):
+        calls.append((p.name, p.model_dir, r.out_dir, p.steps, p.emphasis, p.emphasis_seed,
+                      sorted(x.name for x in p.model_dir.iterdir())))
+        r.out_dir.mkdir(parents=True, exist_ok=True)
+        (r.out_dir / "model.safetensors").write_text(f"after {p.name}")
+
+    monkeypatch.setattr(rec, "polish_model", fake_polish)
+    out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     for name in ("config.yaml", "model.safetensors"):
         (out / name).write_text(name)
-    r = rec.Recipe(workdir=tmp_path / "work", out_dir=out, polish_steps=0)
-    assert rec.polish_exported(r) == out / "model.safetensors" and calls == []  # 0 steps: skipped
-    r.polish_steps = 40
-    rec.polish_exported(r)
-    assert calls == [(tmp_path / "work" / "before-polish", 40, rec.Polish(Path(".")).emphasis,
-                      ["config.yaml", "model.safetensors"])]
-    assert rec.Recipe(workdir=tmp_path, out_dir=out).polish_steps == rec.Polish(Path(".")).steps
+    r = rec.Recipe(workdir=work, out_dir=out, polish_rounds=())
+    assert rec.polish_exported(r) == out / "model.safetensors" and calls == []  # no rounds: skipped
+    r.polish_rounds = (rec.PolishRound(40, "star=3", 5), rec.PolishRound(30, "circle=2", 6),
+                       rec.PolishRound(20, "red=2", 7))
+    assert rec.polish_exported(r) == out / "model.safetensors"
+    files = ["config.yaml", "model.safetensors"]
+    assert calls[0] == ("polish", work / "before-polish", work / "polish-model", 40, "star=3", 5, files)
+    assert calls[1] == ("polish2", work / "polish-model", work / "polish2-model", 30, "circle=2", 6,
+                        ["model.safetensors"])  # each round starts from the last one's output
+    assert calls[2][:6] == ("polish3", work / "polish2-model", out, 20, "red=2", 7)  # the last one writes --out
+    assert (out / "model.safetensors").read_text() == "after polish3"
+    assert (work / "before-polish" / "model.safetensors").read_text() == "model.safetensors"  # the start, kept
+    r.polish_rounds = (rec.PolishRound(0, "star=3", 5),)
+    with pytest.raises(ValueError, match="positive step counts"):
+        rec.polish_exported(r)
+    default = rec.Recipe(workdir=tmp_path, out_dir=out).polish_rounds
+    assert default == rec.POLISH_ROUNDS and default[0] == rec.PolishRound(5000, rec.Polish(Path(".")).emphasis,
+                                                                         rec.Polish(Path(".")).emphasis_seed)
+
+
+def test_recipe_command_chooses_the_polish_rounds(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_default_model_rounds",
+                                                  ROOT / "scripts" / "train_default_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    monkeypatch.setattr(script, "run", lambda recipe: seen.append(recipe.polish_rounds) or {"total": 0.0})
+    common = ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path)]
+    assert script.main(common) == 0 and seen[-1] == script.POLISH_ROUNDS
+    assert script.main(common + ["--polish_rounds", "1", "--polish_steps", "9"]) == 0
+    assert seen[-1] == (script.PolishRound(9, *[getattr(script.POLISH_ROUNDS[0], k)
+                                                for k in ("emphasis", "emphasis_seed")]),)
+    assert script.main(common + ["--polish_steps", "0"]) == 0 and seen[-1] == ()
+    for bad in (["--polish_rounds", str(len(script.POLISH_ROUNDS) + 1)], ["--polish_steps", "-1"]):
+        with pytest.raises(SystemExit, match="must be"):
+            script.main(common + bad)
 
 
 def test_emphasis_weights_the_drawn_combinations():
@@ -354,6 +392,10 @@ def test_polishing_fine_tunes_the_exported_model_on_its_own_latents(tmp_path, mo
     assert ema == tmp_path / "polish" / "checkpoints" / "last-ema.safetensors" and out == r.out_dir
     assert cfg.model.params.scale_factor == 0.7 and cfg.model.params.use_ema is False
     assert (r.out_dir / "clip_visual.safetensors").exists() and "total" in timings
+    assert (r.workdir / "polish-timings.json").exists()
+    rec.polish_model(r, rec.Polish(model_dir=MODEL_DIR, steps=30, name="polish2"))  # a further round: its own files
+    assert calls[2][0] == "polish2" and (r.workdir / "polish2-timings.json").exists()
+    assert "polish2-latents" in json.loads((r.workdir / "polish2-timings.json").read_text())
 
 
 def test_polish_command_passes_its_data_choices_to_the_stage(tmp_path, monkeypatch):
@@ -367,8 +409,10 @@ def test_polish_command_passes_its_data_choices_to_the_stage(tmp_path, monkeypat
     monkeypatch.setattr(script, "polish_model", lambda recipe, polish: seen.append(polish) or {"total": 0.0})
     assert script.main(["--polish", str(MODEL_DIR), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path),
                         "--emphasis", "circle=2", "--emphasis_seed", "11", "--polish_steps", "7"]) == 0
-    (polish,) = seen
+    polish = seen[0]
     assert (polish.emphasis, polish.emphasis_seed, polish.steps) == ("circle=2", 11, 7)
-    assert polish.model_dir == MODEL_DIR.resolve()
+    assert polish.model_dir == MODEL_DIR.resolve() and polish.name == "polish"
+    assert script.main(["--polish", str(MODEL_DIR), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path)]) == 0
+    assert seen[-1].steps == script.Polish(Path(".")).steps == 5000
     with pytest.raises(SystemExit, match="--out other than"):
         script.main(["--polish", str(MODEL_DIR), "--out", str(MODEL_DIR)])

@@ -1,9 +1,10 @@
 """The stages of retraining the default model from nothing (scripts/train_default_model.py runs them in order).
 
 data -> (CLIP || autoencoder) -> latent cache + initial weights -> diffusion model -> min-SNR fine-tuning
-rounds -> export -> decoder-only fine-tuning -> shape-weighted fine-tuning (Polish). Every stage writes its outputs
-into the work folder and is skipped when they are already there, so an interrupted run continues. The autoencoder and the diffusion model are trained by the project's trainer
-(scripts/train.py) in subprocesses.
+rounds -> export -> decoder-only fine-tuning -> shape-weighted fine-tuning rounds (Polish, POLISH_ROUNDS). Every
+stage writes its outputs into the work folder and is skipped when they are already there, so an interrupted run
+continues. The autoencoder and the diffusion model are trained by the project's trainer (scripts/train.py) in
+subprocesses.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "default-model"
 DEFAULT_OUT = ROOT / "models" / "ldm" / "sd-shapes"
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PolishRound:
+    """One shape-weighted fine-tuning round of a run from nothing: its steps and the emphasised pictures' draw."""
+
+    steps: int
+    emphasis: str
+    emphasis_seed: int
+
+
+# the rounds that made the shipped model (models/ldm/sd-shapes/README.md, stages 5 and 6), each from the last's output
+POLISH_ROUNDS = (PolishRound(5000, "star=3,triangle=2.5,square=2.5", 5),
+                 PolishRound(6000, "circle=2.5,star=2.2,square=2,triangle=1.5,purple=1.4,red=1.4", 6))
 
 
 @dataclass
@@ -42,7 +57,8 @@ class Recipe:
     # min-SNR rounds after the first diffusion stage (ldm-finetune.yaml), each from the previous round's EMA with a
     # fresh optimizer and learning-rate cycle; () skips them
     finetune_steps: tuple[int, ...] = (5000, 2500)
-    polish_steps: int = 5000  # the last stage: Polish (shape-weighted min-SNR fine-tuning); 0 skips it
+    # the last stages: Polish rounds (shape-weighted min-SNR fine-tuning) in order; () skips them
+    polish_rounds: tuple[PolishRound, ...] = POLISH_ROUNDS
     decoder_steps: int = 300  # decoder-only fine-tuning of the exported model (decoder_tune.py); 0 skips it
     unet_procs: int = 2  # data-parallel processes for the diffusion model (torchrun, gloo on CPU)
     unet_batch: int = 24  # global batch, split over the processes
@@ -240,6 +256,7 @@ class Polish:
     emphasis: str = "star=3,triangle=2.5,square=2.5"
     emphasis_seed: int = 5
     learning_rate: float | None = None  # base learning rate (per picture); None: the config's
+    name: str = "polish"  # its files in the work folder: NAME/ (the trainer's run), NAME-latents.safetensors, ...
 
 
 def _use_training_threads(recipe: Recipe) -> None:
@@ -260,7 +277,8 @@ def polish_cache(recipe: Recipe, polish: Polish) -> tuple[Path, float]:
     from ldm.default_model.latents import encode_to_cache
 
     config = OmegaConf.load(polish.model_dir / "config.yaml")
-    cache, info = recipe.workdir / "polish-latents.safetensors", recipe.workdir / "polish-latents-info.json"
+    cache = recipe.workdir / f"{polish.name}-latents.safetensors"
+    info = recipe.workdir / f"{polish.name}-latents-info.json"
     stamp = {"model": str(polish.model_dir.resolve()), "plain": polish.plain_images, "seed": recipe.data_seed,
              "emphasis": polish.emphasis, "emphasis_images": polish.emphasis_images,
              "emphasis_seed": polish.emphasis_seed}
@@ -282,24 +300,25 @@ def polish_model(recipe: Recipe, polish: Polish) -> dict[str, Any]:
     to ``recipe.out_dir``; returns the timings."""
     recipe.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    cache, scale = _timed(recipe, "polish-latents", polish_cache, recipe, polish)
+    name = polish.name
+    cache, scale = _timed(recipe, f"{name}-latents", polish_cache, recipe, polish)
     overrides = _diffusion_overrides(recipe, cache, polish.model_dir / "model.safetensors", scale, polish.steps)
     if polish.learning_rate is not None:
         overrides.append(f"model.base_learning_rate={polish.learning_rate}")
-    checkpoints = _timed(recipe, "polish", _trainer_run, recipe, "polish",
+    checkpoints = _timed(recipe, name, _trainer_run, recipe, name,
                          [CONFIG_DIR / "ldm-train.yaml", CONFIG_DIR / "ldm-finetune.yaml"], overrides,
                          recipe.unet_procs)
     ema = checkpoints / "last-ema.safetensors"
     from ldm.default_model.export import export_model, inference_config
 
-    _timed(recipe, "polish-export", export_model, ema,
+    _timed(recipe, f"{name}-export", export_model, ema,
            inference_config(OmegaConf.load(CONFIG_DIR / "ldm-train.yaml"), scale), recipe.out_dir)
     visual = polish.model_dir / "clip_visual.safetensors"
     if visual.exists() and visual.resolve() != (recipe.out_dir / visual.name).resolve():
         recipe.out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(visual, recipe.out_dir / visual.name)
     recipe.timings["total"] = round(time.time() - start, 1)
-    (recipe.workdir / "polish-timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")
+    (recipe.workdir / f"{name}-timings.json").write_text(json.dumps(recipe.timings, indent=1), encoding="utf-8")
     return dict(recipe.timings)
 
 
@@ -321,15 +340,23 @@ def tune_decoder(recipe: Recipe) -> Path:
 
 
 def polish_exported(recipe: Recipe) -> Path:
-    """The recipe's last stage: ``Polish`` (with ``polish_steps``) of the exported, decoder-tuned model, whose
-    files are first copied to ``workdir/before-polish``; the result replaces ``out_dir``'s weights."""
+    """The recipe's last stages: the ``polish_rounds``, the first from the exported, decoder-tuned model (its files
+    first copied to ``workdir/before-polish``), each next one from the last's output (``workdir/NAME-model``);
+    the last round's result replaces ``out_dir``'s weights."""
     weights = recipe.out_dir / "model.safetensors"
-    if recipe.polish_steps <= 0:
+    if not recipe.polish_rounds:
         return weights
-    before = recipe.workdir / "before-polish"
+    start = recipe.workdir / "before-polish"
     if not (recipe.workdir / "polish" / "checkpoints" / "last.ckpt").exists():  # else: a finished run's start
-        shutil.copytree(recipe.out_dir, before, dirs_exist_ok=True)
-    polish_model(recipe, Polish(model_dir=before, steps=recipe.polish_steps))
+        shutil.copytree(recipe.out_dir, start, dirs_exist_ok=True)
+    for i, r in enumerate(recipe.polish_rounds):
+        if r.steps <= 0:
+            raise ValueError(f"polish rounds need positive step counts, got {r}")
+        name = "polish" if i == 0 else f"polish{i + 1}"
+        out = recipe.out_dir if i == len(recipe.polish_rounds) - 1 else recipe.workdir / f"{name}-model"
+        polish_model(replace(recipe, out_dir=out), Polish(model_dir=start, steps=r.steps, emphasis=r.emphasis,
+                                                          emphasis_seed=r.emphasis_seed, name=name))
+        start = out
     return weights
 
 
