@@ -21,7 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.inference.errors import UsageError
-from ldm.modules.watermark import Payload
+from ldm.modules.watermark import Payload, put_watermark, watermark_fits
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,6 @@ class Watermarker:
         """``image`` with the watermark (or unchanged, see the class)."""
         if self.payload is None:
             return image
-        from ldm.modules.watermark import put_watermark, watermark_fits
-
         if not watermark_fits(*image.size):
             if not self._told_too_small:
                 self._told_too_small = True
