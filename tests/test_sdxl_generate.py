@@ -573,5 +573,78 @@ def test_python_api_refuses_a_refiner_as_base_and_a_bad_refiner_before_any_work(
     base = Generator.load(tiny["base"][1], device="cpu")
     with pytest.raises(UsageError, match="is an SDXL base model"):
         base.txt2img("a cat", width=32, height=32, steps=2, sdxl=sdxl.SdxlOptions(refiner=str(tiny["base"][1])))
-    with pytest.raises(UsageError, match="not available for SDXL"):
-        base.inpaint(Image.new("RGB", (32, 32)), Image.new("L", (32, 32), 255), "a cat", steps=2)
+    with pytest.raises(UsageError, match="is an SDXL base model"):  # inpainting checks its refiner too
+        base.inpaint(Image.new("RGB", (32, 32)), Image.new("L", (32, 32), 255), "a cat", steps=2,
+                     sdxl=sdxl.SdxlOptions(refiner=str(tiny["base"][1])))
+
+
+# --- inpainting with an SDXL model (the unmasked latents kept at every step, as for regular SD models) ---------------
+
+def _canvas(mask_box=(0, 0, 16, 32), size=32, blur=0):
+    from ldm.inference import inpaint
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, mask_box)
+    return image, mask, inpaint.build_canvas(image, mask, inpaint.InpaintOptions(mask_blur=blur), size, size, 1024)
+
+
+def test_inpainting_keeps_the_unmasked_latents_whatever_the_prompt(base_engine):
+    _, _, canvas = _canvas()
+    s = _settings("inpaint", steps=4, strength=1.0, canvas=canvas)
+    session = sdxl_session.SdxlSession(base_engine, s, "cpu", 4, 2)
+    keep = session.prepared.keep  # [1, 1, 16, 16]: 1 on the right half of the latent (the unmasked pixels)
+    assert keep.shape == (1, 1, 16, 16) and keep[..., :8].sum() == 0 and keep[..., 8:].min() == 1
+    cat, dog = session.latents(["a cat"], _gens(1)), session.latents(["a dog"], _gens(1))
+    right, left = keep.bool().expand_as(cat), ~keep.bool().expand_as(cat)
+    assert torch.allclose(cat[right], dog[right], atol=1e-5)  # kept: the input's latents, not the prompt's
+    assert not torch.allclose(cat[left], dog[left], atol=1e-3)  # repainted: each prompt its own
+    other_seed = session.latents(["a cat"], _gens(1, seed=9))
+    assert not torch.allclose(cat[left], other_seed[left], atol=1e-3)
+    free = sdxl_session.SdxlSession(base_engine, _settings(steps=4), "cpu", 4, 2).latents(["a cat"], _gens(1))
+    assert not torch.allclose(cat[right], free[right], atol=1e-3)  # txt2img does not keep them
+    assert session.steps_per_image == 4
+    partial = sdxl_session.SdxlSession(base_engine, _settings("inpaint", steps=4, strength=0.5, canvas=canvas),
+                                       "cpu", 4, 2)
+    assert partial.steps_per_image == 3 and torch.isfinite(partial.latents(["a cat"], _gens(1))).all()
+    with pytest.raises(UsageError, match="mask"):
+        sdxl_session.SdxlSession(base_engine, _settings("inpaint", steps=4), "cpu", 4, 2)
+
+
+def test_inpainting_refiner_hand_off_keeps_the_unmasked_latents_too(tiny, base_engine):
+    _, _, canvas = _canvas()
+    refiner = build(*tiny["refiner"])
+    s = _settings("inpaint", steps=4, strength=1.0, canvas=canvas, options=sdxl.SdxlOptions(refiner_switch=0.5))
+    session = sdxl_session.SdxlSession(base_engine, s, "cpu", 4, 2, load_refiner=lambda: refiner)
+    calls = _Recorder(refiner)
+    cat, dog = session.latents(["a cat"], _gens(1)), session.latents(["a dog"], _gens(1))
+    keep = session.prepared.keep.bool().expand_as(cat)
+    assert calls.calls > 0 and torch.allclose(cat[keep], dog[keep], atol=1e-5)
+    session.close()
+
+
+def test_inpaint_script_and_api_take_an_sdxl_checkpoint(tiny, tmp_path):
+    from ldm.api import Generator
+
+    image, mask, _ = _canvas()
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    _, ckpt = tiny["base"]
+    out = tmp_path / "inpainted"
+    assert _script("inpaint", ["--ckpt", str(ckpt), "--init-img", str(tmp_path / "in.png"), "--mask",
+                               str(tmp_path / "mask.png"), "--mask_blur", "0", "--prompt", "a cat",
+                               *_common(out, steps=3)]) == 0
+    files, params = _parameters(out)
+    assert len(files) == 1 and "Mask blur: 0" in params and "Denoising strength: 0.75" in params  # regular model
+    result = np.asarray(Image.open(files[0]).convert("RGB"))
+    source = np.asarray(image)
+    assert np.array_equal(result[:, 16:], source[:, 16:])  # outside the mask: the input's pixels
+    assert not np.array_equal(result[:, :16], source[:, :16])  # inside: repainted
+    gen = Generator.load(ckpt, device="cpu")
+    api = gen.inpaint(image, mask, "a cat", width=32, height=32, steps=3, seed=5, mask_blur=0, strength=0.75)
+    assert np.array_equal(np.asarray(api.images[0]), result)  # the script's pixels, through the Python API
+    out2 = tmp_path / "outpainted"
+    assert _script("inpaint", ["--ckpt", str(ckpt), "--init-img", str(tmp_path / "in.png"), "--outpaint",
+                               "8,0,0,0", "--prompt", "a cat", *_common(out2, steps=2)]) == 0
+    assert Image.open(_parameters(out2)[0][0]).size == (40, 32)

@@ -53,6 +53,7 @@ class Task:
         self.posterior = self.prepared = self.sdxl = None
         if m.kind == sdxl_session.SDXL:  # SDXL's conditioning, sampling, refiner: ldm.inference.sdxl_session
             self.sdxl = sdxl_session.session_for(m, s)
+            self.prepared = self.sdxl.prepared  # inpaint: the canvas the decoded pictures are pasted into
             self.steps_per_image = self.sdxl.steps_per_image
             return
         with torch.no_grad(), m.precision.scope():

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -305,14 +305,17 @@ class Prepared:
     keep: torch.Tensor  # [1, 1, h, w] 1 where the latents are kept (regular models)
 
 
-def prepare(model: Any, canvas: Canvas, inpainting: bool, device: str) -> Prepared:
-    """Encode the generated area and its masked version (inpainting models) through the first stage."""
+def prepare(model: Any, canvas: Canvas, inpainting: bool, device: str,
+            encode: Optional[Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None) -> Prepared:
+    """Encode the generated area and its masked version (inpainting models) through the first stage (``encode``:
+    model, image [1, 3, H, W] in [-1, 1] -> posterior (mean, std); default ``pipeline.encode_init``)."""
+    encode = encode or pipeline.encode_init
     image, mask_image = canvas.work()
     x = pipeline.image_tensor(image, device)
     soft = torch.from_numpy(np.asarray(mask_image, dtype=np.float32) / 255.0)[None, None].to(device)
     mask = binarize_mask(soft)
-    mean, std = pipeline.encode_init(model, x)
-    masked = pipeline.encode_init(model, masked_image(x, mask)) if inpainting else None
+    mean, std = encode(model, x)
+    masked = encode(model, masked_image(x, mask)) if inpainting else None
     # a latent cell is regenerated when any pixel of it is touched by the blurred mask
     keep = 1.0 - F.adaptive_max_pool2d((soft > 0).float(), mean.shape[-2:])
     return Prepared(canvas, (mean.float(), std.float()), None if masked is None else tuple(t.float() for t in masked),

@@ -277,12 +277,31 @@ def start(posterior: Optional[tuple[torch.Tensor, torch.Tensor]], scale_factor: 
           img2img: bool) -> torch.Tensor:
     """x at ``sigmas[0]``: each image's first draw is its noise; img2img's second its posterior sample."""
     noise = draw(gens, shape, device)
-    s0 = float(sigmas[0])
     if not img2img:
-        return noise * (math.sqrt(1.0 + s0 * s0) if vp else s0)
+        return _noise_start(noise, sigmas, vp)
+    return posterior_sample(posterior, scale_factor, gens) + noise * float(sigmas[0])
+
+
+def _noise_start(noise: torch.Tensor, sigmas: torch.Tensor, vp: bool) -> torch.Tensor:
+    s0 = float(sigmas[0])
+    return noise * (math.sqrt(1.0 + s0 * s0) if vp else s0)
+
+
+def posterior_sample(posterior: tuple[torch.Tensor, torch.Tensor], scale_factor: float,
+                     gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] of the posterior (mean, std) [1, C, h, w]: one draw of each generator."""
     mean, std = posterior
-    z0 = scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
-    return z0 + noise * s0
+    return scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
+
+
+def inpaint_start(posterior: tuple[torch.Tensor, torch.Tensor], scale_factor: float, sigmas: torch.Tensor,
+                  gens: Sequence[torch.Generator], shape: Sequence[int], device: Any, vp: bool,
+                  partial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x at ``sigmas[0]``, the known latents) of inpainting with a regular model: each image's first draw is its
+    noise, its second the input's posterior sample (the kept region, also when the start is pure noise)."""
+    noise = draw(gens, shape, device)
+    known = posterior_sample(posterior, scale_factor, gens)
+    return (known + noise * float(sigmas[0]) if partial else _noise_start(noise, sigmas, vp)), known
 
 
 def free(engine: Any) -> None:

@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ldm import samplers
+from ldm.inference import inpaint
 from ldm.inference.errors import UsageError
 from ldm.inference.sdxl import (SDXL, EngineDenoiser, SdxlOptions, check_role, conditioning, decode,
-                                default_options, encode, finish, free, is_refiner_config, is_sdxl_config, schedule,
-                                split, start, vp_start)
+                                default_options, encode, finish, free, inpaint_start, is_refiner_config,
+                                is_sdxl_config, schedule, split, start, vp_start)
 from ldm.samplers.run import run_schedule
 from ldm.samplers.schedules import USER_SCHEDULES
 
@@ -42,7 +43,7 @@ def check_refiner(path: Path, allow_unsafe: bool = False) -> tuple[Any, Any]:
 class SdxlSettings:
     """What an SDXL request samples: mode, prompts' shared settings and the SDXL options."""
 
-    mode: str  # txt2img or img2img
+    mode: str  # txt2img, img2img or inpaint
     negative_prompt: str
     steps: int
     sampler: samplers.SamplerChoice
@@ -52,10 +53,16 @@ class SdxlSettings:
     eta: Optional[float] = None
     strength: float = 1.0
     options: SdxlOptions = SdxlOptions()
+    canvas: Optional[inpaint.Canvas] = None  # inpaint: the picture and its mask
+
+
+MODES = ("txt2img", "img2img", "inpaint")
 
 
 class SdxlSession:
-    """One SDXL request on a loaded base engine: encoded init image, sampling per job and the refiner hand-off.
+    """One SDXL request on a loaded base engine: encoded init image (or inpainting canvas), sampling per job and the
+    refiner hand-off. Inpainting keeps the unmasked latents at every step of both models (``samplers.masked``, as
+    for any regular SD model); the caller pastes the decoded pictures into the canvas (``inpaint.composite``).
 
     The refiner is loaded at the first hand-off and released by :meth:`close` (or with the session); on an
     accelerator the model that is not sampling waits on the CPU, so only one of the two occupies the device at a
@@ -70,12 +77,20 @@ class SdxlSession:
         self.load_refiner, self.refiner, self.active = load_refiner, None, engine
         if torch.device(device).type != "cpu":  # a previous request's hand-off may have left it on the CPU
             engine.to(device)
-        img2img = s.mode == "img2img" and init_image is not None
-        self.posterior = encode(engine, init_image, vae_given) if img2img else None
-        strength = s.strength if s.mode == "img2img" else None
-        self.sigmas = schedule(engine, s.sampler, s.steps, strength)
+        self.prepared: Optional[inpaint.Prepared] = None
+        if s.mode == "inpaint":
+            if s.canvas is None:
+                raise UsageError("SDXL inpainting needs the picture and its mask (a canvas)")
+            self.prepared = inpaint.prepare(engine, s.canvas, False, device,
+                                            encode=lambda model, x: encode(model, x, vae_given))
+            self.posterior = self.prepared.image
+        else:
+            img2img = s.mode == "img2img" and init_image is not None
+            self.posterior = encode(engine, init_image, vae_given) if img2img else None
+        self.partial = s.mode in ("img2img", "inpaint")  # strength applies
+        self.sigmas = schedule(engine, s.sampler, s.steps, s.strength if self.partial else None)
         self.parts = split(self.sigmas, s.options.refiner_switch) if load_refiner else (self.sigmas,)
-        self.steps_per_image = len(self.sigmas) - 1 if not (s.mode == "img2img" and s.strength <= 0) else 0
+        self.steps_per_image = len(self.sigmas) - 1 if not (self.partial and s.strength <= 0) else 0
 
     def _use(self, engine: Any) -> Any:
         """Make ``engine`` the one on the device (the other one waits on the CPU)."""
@@ -94,26 +109,34 @@ class SdxlSession:
         return self._use(self.refiner)
 
     def _run(self, engine: Any, prompts: Sequence[str], x: torch.Tensor, sigmas: torch.Tensor,
-             gens: Sequence[torch.Generator], callback: Any) -> torch.Tensor:
+             gens: Sequence[torch.Generator], callback: Any, known: Optional[torch.Tensor]) -> torch.Tensor:
         s = self.s
         c, uc = conditioning(engine, prompts, s.negative_prompt, s.width, s.height, s.options)
-        guided = EngineDenoiser(engine, uc, s.scale)
-        return run_schedule(s.sampler, guided.bind(c), x, sigmas, s.eta, list(gens), callback)
+        denoise = EngineDenoiser(engine, uc, s.scale).bind(c)
+        if known is not None:  # inpainting: the unmasked latents stay the input's
+            denoise = samplers.masked(denoise, known, self.prepared.keep.to(known))
+        return run_schedule(s.sampler, denoise, x, sigmas, s.eta, list(gens), callback)
 
     @torch.no_grad()
     def latents(self, prompts: Sequence[str], gens: Sequence[torch.Generator], callback: Any = None
                 ) -> torch.Tensor:
         """Sampled latents [B, C, h, w] of B prompts, one generator per image (first draw: its noise)."""
         s = self.s
-        img2img = s.mode == "img2img" and s.strength < 1
-        if s.mode == "img2img" and s.strength <= 0:
+        noised_input = self.partial and s.strength < 1  # the start is the input with noise, not noise alone
+        if self.partial and s.strength <= 0:
             return self.base.scale_factor * self.posterior[0].expand(len(prompts), *self.shape)
-        x = start(self.posterior, self.base.scale_factor, self.sigmas, gens, self.shape, self.device,
-                  vp_start(s.sampler) and not img2img, img2img)
-        x = self._run(self._use(self.base), prompts, x, self.parts[0], gens, self._counted(callback, 0))
+        vp = vp_start(s.sampler) and not noised_input
+        known = None
+        if s.mode == "inpaint":
+            x, known = inpaint_start(self.posterior, self.base.scale_factor, self.sigmas, gens, self.shape,
+                                     self.device, vp, noised_input)
+        else:
+            x = start(self.posterior, self.base.scale_factor, self.sigmas, gens, self.shape, self.device, vp,
+                      noised_input)
+        x = self._run(self._use(self.base), prompts, x, self.parts[0], gens, self._counted(callback, 0), known)
         if len(self.parts) > 1:
             done = len(self.parts[0]) - 1
-            x = self._run(self._refiner(), prompts, x, self.parts[1], gens, self._counted(callback, done))
+            x = self._run(self._refiner(), prompts, x, self.parts[1], gens, self._counted(callback, done), known)
         return finish(x, self.sigmas)
 
     def _counted(self, callback: Any, offset: int) -> Any:
@@ -148,8 +171,8 @@ def plan_options(opts: Any, config: Any, ckpt: Optional[Path]) -> Any:
             raise UsageError("--refiner applies to SDXL base models only; this model is not SDXL: drop --refiner")
         return opts
     path = ckpt if ckpt is not None else Path("--config")
-    if opts.mode not in ("txt2img", "img2img"):
-        raise UsageError(f"{opts.mode} is not available for SDXL models yet: use txt2img.py or img2img.py")
+    if opts.mode not in MODES:
+        raise UsageError(f"{opts.mode} is not available for SDXL models: use txt2img.py, img2img.py or inpaint.py")
     check_role(config, path, opts.mode, given.refiner if given is not None else None)
     if given is not None and given.refiner is not None:
         check_refiner(given.refiner, getattr(opts, "unsafe_config", False))
@@ -207,13 +230,13 @@ def session_for(m: Any, s: Any) -> SdxlSession:
     options = getattr(s, "sdxl", None) or SdxlOptions()
     refiner = Path(options.refiner) if options.refiner is not None else None
     check_role(m.config, Path(m.source.ckpt_path or m.source.config_path), s.mode, refiner)
-    if s.mode not in ("txt2img", "img2img"):
-        raise UsageError(f"{s.mode} is not available for SDXL models yet: use txt2img or img2img")
+    if s.mode not in MODES:
+        raise UsageError(f"{s.mode} is not available for SDXL models: use txt2img, img2img or inpaint")
     if refiner is not None:
         check_refiner(refiner)  # before any work, not at the hand-off
         options = dataclasses.replace(options, refiner=refiner)
     settings = SdxlSettings(s.mode, s.negative_prompt, s.steps, s.sampler, s.scale, s.width, s.height, s.eta,
-                            s.strength, options)
+                            s.strength, options, canvas=s.canvas if s.mode == "inpaint" else None)
     init = image_tensor(s.init_image, m.device) if s.mode == "img2img" and s.init_image is not None else None
     vae = getattr(m, "vae_path", None)  # the refiner gets the same --vae
     load = refiner_loader(options.refiner, m.device, vae) if options.refiner is not None else None
