@@ -191,6 +191,30 @@ def _compare_with_pipeline(ours, folder: Path, prompt: str = "a red circle") -> 
                                    ours.decode_first_stage(x), atol=1e-4, rtol=1e-4)
 
 
+def _compare_clip_skip(ours, folder: Path, prompt: str = "a red circle") -> None:
+    """The web UI's Clip skip N is diffusers' ``clip_skip`` N - 1 (both: the N-th hidden state from the end, then
+    the final layer norm); long prompts and weights go through the same path."""
+    from ldm.inference import pipeline
+
+    import types
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    encoder = pipe.text_encoder
+    if not hasattr(encoder, "text_model"):  # transformers 5 flattened CLIPTextModel; diffusers 0.42 still looks
+        encoder.__dict__["text_model"] = types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm)  # there
+    with torch.no_grad():
+        plain = ours.cond_stage_model.encode([prompt])
+        for web_ui in (2, 3):
+            theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=web_ui - 1)
+            with pipeline.clip_skip(ours, web_ui):
+                skipped = ours.cond_stage_model.encode([prompt])
+                chunked = ours.cond_stage_model.encode_prompts([prompt])
+            torch.testing.assert_close(theirs, skipped, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(chunked, skipped, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(skipped, plain, atol=1e-3)
+        torch.testing.assert_close(ours.cond_stage_model.encode([prompt]), plain)  # the setting is back
+
+
 def test_sd1_checkpoint_to_folder_and_back(tmp_path):
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
@@ -199,7 +223,9 @@ def test_sd1_checkpoint_to_folder_and_back(tmp_path):
     assert _convert(str(ckpt), str(tmp_path / "folder"), "--config", str(config)) == 0
     scheduler = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "epsilon" and scheduler["beta_schedule"] == "scaled_linear"
-    _compare_with_pipeline(_our_model(config, ckpt), tmp_path / "folder")
+    ours = _our_model(config, ckpt)
+    _compare_with_pipeline(ours, tmp_path / "folder")
+    _compare_clip_skip(ours, tmp_path / "folder")
     assert _convert(str(tmp_path / "folder"), str(tmp_path / "back.safetensors"), "--config", str(config)) == 0
     original, back = load_file(str(ckpt)), load_file(str(tmp_path / "back.safetensors"))
     original.pop("cond_stage_model.transformer.text_model.embeddings.position_ids", None)

@@ -175,6 +175,26 @@ def test_options_switch_checkpoint(client, server):
     assert bad.status_code == 422 and "not a known checkpoint" in bad.json()["message"]
 
 
+def test_clip_skip_option_and_override(client, server):
+    assert client.get_options()["CLIP_stop_at_last_layers"] == 1
+    plain = client.txt2img(prompt=PROMPT, seed=4, **SMALL).image
+    client.set_options({"CLIP_stop_at_last_layers": 2})
+    try:
+        assert client.get_options()["CLIP_stop_at_last_layers"] == 2
+        # the default model's OpenCLIP text encoder has no Clip skip (as the web UI ignores it there): same picture
+        asked = client.txt2img(prompt=PROMPT, seed=4, **SMALL).image
+        assert "Clip skip" not in _params(asked) and np.array_equal(np.asarray(asked), np.asarray(plain))
+        bad = httpx.post(f"{server.url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0})
+        assert bad.status_code == 422 and "CLIP_stop_at_last_layers" in bad.json()["message"]
+        for value in (0, 13, 1.5, "two"):
+            body = {"prompt": PROMPT, "override_settings": {"CLIP_stop_at_last_layers": value}, **SMALL}
+            bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body)
+            assert bad.status_code in (400, 422) and "CLIP_stop_at_last_layers" in bad.json()["message"], value
+    finally:
+        client.set_options({"CLIP_stop_at_last_layers": 1})
+    assert client.get_options()["CLIP_stop_at_last_layers"] == 1
+
+
 def test_png_info_round_trip(client):
     image = client.txt2img(prompt=PROMPT, seed=21, **SMALL).image
     info = client.png_info(image)

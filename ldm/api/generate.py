@@ -45,6 +45,7 @@ class Request:
     full_res: bool = False  # repaint only the masked area at width x height ("Only masked")
     full_res_padding: int = 32
     sdxl: Optional[Any] = None  # SDXL models: ldm.inference.sdxl.SdxlOptions (original size, crop, refiner...)
+    clip_skip: int = 1  # the web UI's "Clip skip" (SD 1 text encoders; 2 is the usual choice)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _check_numbers(m: LoadedModel, r: Request) -> None:
         raise UsageError("prompt must be a text")
     ranges.at_least((("steps", r.steps, 1), ("batch_size", r.batch_size, 1), ("n_iter", r.n_iter, 1),
                      ("width", r.width, 1), ("height", r.height, 1), ("mask_blur", r.mask_blur, 0),
-                     ("full_res_padding", r.full_res_padding, 0)))
+                     ("full_res_padding", r.full_res_padding, 0), ("clip_skip", r.clip_skip, 1)))
     if r.steps > m.geometry.timesteps:
         raise UsageError(f"steps {r.steps} exceeds the model's {m.geometry.timesteps} diffusion timesteps")
     ranges.guidance_scale("cfg_scale", r.cfg_scale)
@@ -168,7 +169,8 @@ def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
     limits.check_size(width, height, False)
     choice = _sampler(m, r)
     return Settings(mode, r.negative_prompt, r.steps, choice, r.cfg_scale, width, height,
-                    r.eta if choice.spec.stochastic else None, strength, init, canvas, opts, sdxl=r.sdxl)
+                    r.eta if choice.spec.stochastic else None, strength, init, canvas, opts, sdxl=r.sdxl,
+                    clip_skip=r.clip_skip)
 
 
 def random_seed() -> int:

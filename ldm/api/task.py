@@ -41,6 +41,7 @@ class Settings:
     canvas: Optional[inpaint.Canvas] = None  # inpaint
     inpaint: Optional[inpaint.InpaintOptions] = None  # inpaint (for the parameters text)
     sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
+    clip_skip: int = 1  # the web UI's "Clip skip" asked for (Task.clip_skip: what the model takes)
 
 
 class Task:
@@ -51,6 +52,7 @@ class Task:
         self.shape = (m.geometry.channels, s.height // m.geometry.factor, s.width // m.geometry.factor)
         self.warned: set = set()
         self.posterior = self.prepared = self.sdxl = None
+        self.clip_skip = pipeline.effective_clip_skip(m.model, s.clip_skip)
         if m.kind == sdxl_session.SDXL:  # SDXL's conditioning, sampling, refiner: ldm.inference.sdxl_session
             self.sdxl = sdxl_session.session_for(m, s)
             self.prepared = self.sdxl.prepared  # inpaint: the canvas the decoded pictures are pasted into
@@ -69,7 +71,7 @@ class Task:
     def latents(self, job: pipeline.Job, callback: pipeline.StepCallback = None) -> torch.Tensor:
         """Sampled latents [B, C, h, w] of one job (its ``<lora:...>`` tags merged and removed first)."""
         job = self.m.loras.prepare_job(job)
-        with self.m.precision.scope():
+        with self.m.precision.scope(), pipeline.clip_skip(self.m.model, self.clip_skip):
             return LATENTS[self.m.kind](self, job, callback)
 
     @torch.no_grad()
@@ -108,7 +110,8 @@ class Task:
             schedule_type=s.sampler.schedule_label if s.sampler.schedule in USER_SCHEDULES else None,
             cfg_scale=s.scale, seed=seed, width=s.width, height=s.height, model=m.name, model_hash=m.model_hash,
             denoising_strength=s.strength if s.mode in ("img2img", "inpaint") else None,
-            eta=s.eta if s.eta is not None and s.eta != s.sampler.spec.eta else None, vae=m.vae_name))
+            eta=s.eta if s.eta is not None and s.eta != s.sampler.spec.eta else None, vae=m.vae_name,
+            clip_skip=self.clip_skip))
         text = sdxl_session.parameters(text, s.sdxl)
         return inpaint.add_settings(text, s.inpaint) if s.inpaint is not None else text
 

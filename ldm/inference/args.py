@@ -66,6 +66,7 @@ class Options:
     loras: tuple = ()  # ldm.modules.lora.LoraSpec of each --lora
     sampler_given: bool = True  # False: no --sampler/--plms/--dpm (SDXL then samples as the original)
     sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
+    clip_skip: int = 1  # the web UI's "Clip skip"
 
     @property
     def sampler_choice(self) -> samplers.SamplerChoice:
@@ -122,6 +123,9 @@ def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
                         "samplers' eta (default 1; 0 makes them deterministic)")
     g.add_argument("--scale", type=float, default=5.0 if mode == "img2img" else 7.5,
                    help="classifier-free guidance scale (1: no guidance)")
+    g.add_argument("--clip_skip", "--clip-skip", dest="clip_skip", type=int, default=1, metavar="N",
+                   help="the web UI's Clip skip: condition on the text encoder's N-th layer from the end (default 1: "
+                        "the last; 2 for models trained that way, e.g. many anime fine-tunes; SD 1 models only)")
     g.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
     g.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     g.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's size)")
@@ -279,7 +283,7 @@ def _check_ranges(ns: argparse.Namespace) -> None:
     ranges.at_least((("--ddim_steps/--steps", ns.steps, 1), ("--n_samples", ns.n_samples, 1),
                      ("--n_iter", ns.n_iter, 1), ("--repeat", ns.repeat, 1), ("--n_rows", ns.n_rows, 0),
                      ("--H", ns.H, 1), ("--W", ns.W, 1), ("--C", ns.C, 1), ("--f", ns.f, 1),
-                     ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1)))
+                     ("--tiled_vae", ns.tiled_vae, 1), ("--threads", ns.threads, 1), ("--clip_skip", ns.clip_skip, 1)))
     ranges.guidance_scale("--scale", ns.scale)
     ranges.eta("--ddim_eta", ns.ddim_eta)
     ranges.strength("--strength", ns.strength)
@@ -352,7 +356,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         safety_check=not ns.no_safety_check, safety_checker=check_safety_path(ns),
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
         fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint,
-        loras=_lora_specs(ns.lora), sampler_given=ns.sampler is not None or ns.plms or ns.dpm,
+        loras=_lora_specs(ns.lora), sampler_given=ns.sampler is not None or ns.plms or ns.dpm, clip_skip=ns.clip_skip,
         sdxl=sdxl_args.options_from(ns, _check_file(getattr(ns, "refiner", None), "--refiner", "checkpoint")))
 
 

@@ -42,6 +42,7 @@ class ImageParameters:
     eta: Optional[float] = None  # written only when set (not the sampler's default)
     vae: Optional[str] = None
     schedule_type: Optional[str] = None  # the web UI's "Schedule type" (Karras, Exponential, Uniform)
+    clip_skip: Optional[int] = None  # the web UI's "Clip skip", written when above 1
 
     def settings(self) -> dict[str, str]:
         """The settings line as an ordered key -> text mapping (web UI key names)."""
@@ -56,6 +57,8 @@ class ImageParameters:
             items["Model"] = self.model
         if self.denoising_strength is not None:
             items["Denoising strength"] = f"{self.denoising_strength:g}"
+        if self.clip_skip is not None and self.clip_skip > 1:
+            items["Clip skip"] = str(self.clip_skip)
         if self.eta is not None:
             items["Eta DDIM" if self.sampler == "DDIM" else "Eta"] = f"{self.eta:g}"
         if self.vae:

@@ -135,6 +135,38 @@ def _embeddings(encoder: Any) -> Any:
     return library_for(encoder)
 
 
+def effective_clip_skip(model: Any, clip_skip: int) -> int:
+    """The web UI's "Clip skip" this model's text encoder takes: ``clip_skip`` (1: the last layer), or 1 with a
+    warning for encoders without it (SD 2's OpenCLIP and SDXL, as the web UI ignores it there); UsageError when
+    it counts more layers than the encoder has."""
+    if clip_skip <= 1:
+        return 1
+    layers = getattr(getattr(model, "cond_stage_model", None), "clip_skip_layers", 0)
+    if not layers:
+        logger.warning("clip skip %d has no effect on this model's text encoder (only SD 1's CLIP text encoder "
+                       "has it, as in the web UI): using its usual layer", clip_skip)
+        return 1
+    if clip_skip > layers:
+        raise UsageError(f"clip skip {clip_skip} is more than the text encoder's {layers} layers: use 1 to {layers} "
+                         f"(2 is the usual choice)")
+    return clip_skip
+
+
+@contextlib.contextmanager
+def clip_skip(model: Any, value: int) -> Iterator[None]:
+    """Encode prompts with ``value`` (from :func:`effective_clip_skip`) as the text encoder's "Clip skip" inside
+    the block; the encoder's own setting is back afterwards."""
+    encoder = getattr(model, "cond_stage_model", None)
+    if value <= 1 or not hasattr(encoder, "clip_skip"):
+        yield
+        return
+    before, encoder.clip_skip = encoder.clip_skip, value
+    try:
+        yield
+    finally:
+        encoder.clip_skip = before
+
+
 def conditioning(model: Any, job: Job, negative_prompt: str, scale: float,
                  warned: set) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(cond, uncond) [B, k * 77, width] for a job; uncond (the negative prompt) is None when scale is 1.

@@ -162,7 +162,7 @@ def settings(p: Plan) -> Settings:
     o = p.opts
     return Settings(o.mode, o.negative_prompt, o.steps, o.sampler_choice, o.scale, p.width, p.height, eta=o.eta,
                     strength=o.strength, init_image=p.init_image, canvas=p.canvas, inpaint=o.inpaint,
-                    sdxl=o.sdxl)
+                    sdxl=o.sdxl, clip_skip=o.clip_skip)
 
 
 def _save_batch(task: Task, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],

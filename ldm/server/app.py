@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from ldm.server import images as b64
 from ldm.server.auth import BasicAuth, UploadLimit
 from ldm.server.models import find_loras
 from ldm.server.queue import Job, QueueFull
-from ldm.server.schemas import Img2ImgBody, OptionsBody, PngInfoBody, TaskProgressBody, Txt2ImgBody
+from ldm.server.schemas import MAX_CLIP_SKIP, Img2ImgBody, OptionsBody, PngInfoBody, TaskProgressBody, Txt2ImgBody
 from ldm.server.service import Service
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
         if problem:
             raise UsageError(problem)
         req, mode = await asyncio.to_thread(to_request, body), mode_of(body)  # decoding uploads off the loop
+        req = dataclasses.replace(req, clip_skip=_clip_skip(body.override_settings, service.clip_skip))
         override = body.override_settings.get("sd_model_checkpoint")
         entry = service.find(str(override)) if override else None
 
@@ -102,6 +104,16 @@ def _generation_route(service: Service, mode_of: Callable[[Any], str], to_reques
         return {"images": encoded, "parameters": echo,
                 "info": result.info_json()}
     return route
+
+
+def _clip_skip(override: dict[str, Any], default: int) -> int:
+    """The request's Clip skip: ``override_settings.CLIP_stop_at_last_layers``, else the server's option."""
+    value = override.get("CLIP_stop_at_last_layers", default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not 1 <= value <= MAX_CLIP_SKIP:
+        raise UsageError(f"override_settings.CLIP_stop_at_last_layers must be a whole number from 1 to "
+                         f"{MAX_CLIP_SKIP}, got {value!r}")
+    return int(value)
 
 
 def _img2img_request(service: Service) -> Callable[[Img2ImgBody], api.Request]:
@@ -198,11 +210,14 @@ def _add_catalogue(app: FastAPI, service: Service) -> None:
     async def get_options() -> dict[str, Any]:
         """The current checkpoint and the saving settings."""
         return {"sd_model_checkpoint": service.current.title, "sd_checkpoint_hash": service.current.sha256,
-                "samples_save": True, "outdir_samples": str(service.cfg.outdir), "samples_format": "png"}
+                "CLIP_stop_at_last_layers": service.clip_skip, "samples_save": True, "outdir_samples": str(service.cfg.outdir), "samples_format": "png"}
 
     @app.post(f"{PREFIX}/options")
     async def set_options(body: OptionsBody, request: Request) -> None:
-        """Switch ``sd_model_checkpoint`` (through the queue: after the jobs before it); other keys are ignored."""
+        """Switch ``sd_model_checkpoint`` (through the queue: after the jobs before it) and set
+        ``CLIP_stop_at_last_layers`` (Clip skip of the requests that do not override it); other keys are ignored."""
+        if body.CLIP_stop_at_last_layers is not None:
+            service.clip_skip = body.CLIP_stop_at_last_layers
         if body.sd_model_checkpoint:
             entry = service.find(body.sd_model_checkpoint)
             await _wait(service, service.queue.submit("load model", lambda job: service.switch(entry)), request)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_CLIP_SKIP = 12  # the web UI's CLIP_stop_at_last_layers slider goes from 1 to 12
 
 @dataclass(frozen=True)
 class Limits:
@@ -106,7 +107,9 @@ class PngInfoBody(_Body):
 
 
 class OptionsBody(_Body):
-    """``POST /sdapi/v1/options``: only ``sd_model_checkpoint`` changes anything here."""
+    """``POST /sdapi/v1/options``: only ``sd_model_checkpoint`` and ``CLIP_stop_at_last_layers`` (Clip skip)
+    change anything here."""
 
     model_config = ConfigDict(extra="allow")
     sd_model_checkpoint: Optional[str] = None
+    CLIP_stop_at_last_layers: Optional[int] = Field(None, ge=1, le=MAX_CLIP_SKIP)

@@ -54,6 +54,7 @@ class Service:
                                                      device=cfg.device, precision=cfg.precision,
                                                      **self._safety())
         self._mark: Optional[Watermarker] = None
+        self.clip_skip = 1  # the web UI's CLIP_stop_at_last_layers option (requests may override it)
         self.checkpoints = self._catalogue()
         self.current = self._matching(cfg.ckpt or self.weights, self.weights)
         self.queue.start()

@@ -54,6 +54,11 @@ class _FrozenTextEncoder(AbstractEncoder):
         """Whether ``encode_prompts`` gives per-token features (long and weighted prompts)."""
         return True
 
+    @property
+    def clip_skip_layers(self) -> int:
+        """How many transformer layers the web UI's "Clip skip" may count on this encoder (0: it has none)."""
+        return 0
+
     def chunk_spec(self) -> ChunkSpec:
         """Token ids and chunk size of this encoder's prompt chunks."""
         raise NotImplementedError
@@ -107,6 +112,9 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
+        # the web UI's "Clip skip": N > 1 takes the output of the N-th layer from the end, through the final layer
+        # norm, instead of the last layer's (layer "last" only; set it with ldm.inference.pipeline.clip_skip)
+        self.clip_skip = 1
         logger.debug("FrozenCLIPEmbedder(version=%r): device argument %r ignored; the parameters' device is used",
                      version, device)
         if freeze:
@@ -130,6 +138,19 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         """Width of the token embeddings (of textual-inversion vectors)."""
         return self.transformer.text_model.embeddings.token_embedding.weight.shape[1]
 
+    @property
+    def clip_skip_layers(self) -> int:
+        """The transformer's layer count for layer "last" (SD 1), 0 for the others (SDXL's CLIP-L, pooled)."""
+        return len(self.transformer.text_model.encoder.layers) if self.layer == "last" else 0
+
+    def _output(self, last: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """The features of layer 'last' (or its ``clip_skip``-th from the end, normed) or 'hidden'."""
+        if self.layer != "last":
+            return states[self.layer_idx]
+        if self.clip_skip > 1:
+            return self.transformer.text_model.final_layer_norm(states[-self.clip_skip])
+        return last
+
     def chunk_spec(self) -> ChunkSpec:
         """SD 1 chunks: start, 75 tokens, end, padded with the end token."""
         return ChunkSpec(SOT_TOKEN, EOT_TOKEN, EOT_TOKEN, COMMA_TOKEN, self.max_length - 2)
@@ -145,17 +166,15 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         if vectors:
             embeds = place_vectors(self.transformer.text_model.embeddings.token_embedding(tokens), vectors)
         last, states = self.transformer(tokens, inputs_embeds=embeds)
-        return last if self.layer == "last" else states[self.layer_idx]
+        return self._output(last, states)
 
     def forward(self, text: Prompts) -> torch.Tensor:
         """Hidden states [B, max_length, hidden] (or [B, 1, hidden] for layer 'pooled')."""
         tokens = self.tokenize(text).to(self.device)
         last, states = self.transformer(tokens)
-        if self.layer == "last":
-            return last
         if self.layer == "pooled":
             return self.transformer.pooled(tokens, last)[:, None, :]
-        return states[self.layer_idx]
+        return self._output(last, states)
 
 
 def _plain(config: Mapping[str, Any]) -> dict:
