@@ -175,6 +175,23 @@ def test_options_switch_checkpoint(client, server):
     assert bad.status_code == 422 and "not a known checkpoint" in bad.json()["message"]
 
 
+def test_hires_fix_fields(client, server):
+    result = client.txt2img(prompt=PROMPT, seed=6, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                            hr_second_pass_steps=2, denoising_strength=0.6, **SMALL)
+    assert result.image.size == (128, 128)
+    p = _params(result.image)
+    assert (p["Size"], p["Hires upscale"], p["Hires steps"], p["Hires upscaler"], p["Denoising strength"]) == \
+        ("64x64", "2", "2", "Latent", "0.6")
+    plain = client.txt2img(prompt=PROMPT, seed=6, denoising_strength=0.6, **SMALL)  # enable_hr off: one pass
+    assert plain.image.size == (64, 64) and "Hires upscale" not in _params(plain.image)
+    for extra, needle in (({"hr_upscaler": "R-ESRGAN 4x+"}, "unknown hires upscaler"),
+                          ({"hr_prompt": "a dog"}, "hr_prompt"), ({"hr_scale": 4, "width": 512, "height": 512},
+                                                                  "hires size")):
+        body = {"prompt": PROMPT, "enable_hr": True, **SMALL, **extra}
+        bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body)
+        assert bad.status_code in (400, 422) and needle in bad.json()["message"], (extra, bad.json())
+
+
 def test_clip_skip_option_and_override(client, server):
     assert client.get_options()["CLIP_stop_at_last_layers"] == 1
     plain = client.txt2img(prompt=PROMPT, seed=4, **SMALL).image

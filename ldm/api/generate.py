@@ -12,7 +12,7 @@ from PIL import Image
 from ldm import samplers
 from ldm.api.model import LoadedModel
 from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
-from ldm.inference import inpaint, limits, pipeline, ranges
+from ldm.inference import hires, inpaint, limits, pipeline, ranges
 from ldm.inference.errors import UsageError
 from ldm.inference.sdxl import SDXL, default_options as sdxl_default_options
 
@@ -46,6 +46,7 @@ class Request:
     full_res_padding: int = 32
     sdxl: Optional[Any] = None  # SDXL models: ldm.inference.sdxl.SdxlOptions (original size, crop, refiner...)
     clip_skip: int = 1  # the web UI's "Clip skip" (SD 1 text encoders; 2 is the usual choice)
+    hires: Optional[hires.HiresOptions] = None  # txt2img: the hires fix (upscale + img2img at the larger size)
 
 
 @dataclass
@@ -167,10 +168,16 @@ def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
         strength = default if r.strength is None else r.strength
     width, height = width or m.geometry.native_pixels, height or m.geometry.native_pixels
     limits.check_size(width, height, False)
+    fix = None
+    if r.hires is not None:
+        if mode != "txt2img" or m.kind == SDXL:
+            raise UsageError("the hires fix is for txt2img with SD 1/2 models (SDXL generates at 1024 pixels)")
+        fix = hires.checked(r.hires)
+        limits.check_size(*hires.target_size(fix, width, height, f), False)
     choice = _sampler(m, r)
     return Settings(mode, r.negative_prompt, r.steps, choice, r.cfg_scale, width, height,
                     r.eta if choice.spec.stochastic else None, strength, init, canvas, opts, sdxl=r.sdxl,
-                    clip_skip=r.clip_skip)
+                    clip_skip=r.clip_skip, hires=fix)
 
 
 def random_seed() -> int:

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from ldm.api.model import SD, LoadedModel
-from ldm.inference import inpaint, pipeline, sdxl_session
+from ldm.inference import hires, inpaint, pipeline, sdxl_session
+from ldm.inference.errors import UsageError
 from ldm.inference.metadata import ImageParameters, format_parameters
 from ldm.modules.safety import numpy_to_pil
 from ldm.samplers import SamplerChoice, StepInfo
@@ -42,6 +43,7 @@ class Settings:
     inpaint: Optional[inpaint.InpaintOptions] = None  # inpaint (for the parameters text)
     sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
     clip_skip: int = 1  # the web UI's "Clip skip" asked for (Task.clip_skip: what the model takes)
+    hires: Optional[hires.HiresOptions] = None  # txt2img: the hires fix's second pass (checked)
 
 
 class Task:
@@ -53,6 +55,11 @@ class Task:
         self.warned: set = set()
         self.posterior = self.prepared = self.sdxl = None
         self.clip_skip = pipeline.effective_clip_skip(m.model, s.clip_skip)
+        self.out_size = (s.width, s.height)  # the saved pictures' size
+        if s.hires is not None:
+            if m.kind != SD or s.mode != "txt2img":
+                raise UsageError("the hires fix is for txt2img with SD 1/2 models (SDXL generates at 1024 pixels)")
+            self.out_size = hires.target_size(s.hires, s.width, s.height, m.geometry.factor)
         if m.kind == sdxl_session.SDXL:  # SDXL's conditioning, sampling, refiner: ldm.inference.sdxl_session
             self.sdxl = sdxl_session.session_for(m, s)
             self.prepared = self.sdxl.prepared  # inpaint: the canvas the decoded pictures are pasted into
@@ -65,7 +72,11 @@ class Task:
             elif s.mode == "inpaint":
                 self.prepared = inpaint.prepare(m.model, s.canvas, m.inpainting, m.device)
         strength = s.strength if s.mode != "txt2img" else None
-        self.steps_per_image = pipeline.sampler_steps(m.model, s.sampler, s.steps, strength)
+        self.first_pass_steps = pipeline.sampler_steps(m.model, s.sampler, s.steps, strength)
+        self.steps_per_image = self.first_pass_steps
+        if s.hires is not None:
+            self.steps_per_image += pipeline.sampler_steps(m.model, s.sampler, s.hires.steps or s.steps,
+                                                           s.hires.strength)
 
     @torch.no_grad()
     def latents(self, job: pipeline.Job, callback: pipeline.StepCallback = None) -> torch.Tensor:
@@ -94,7 +105,7 @@ class Task:
         with torch.no_grad():
             x = self._decode(z)
         image = numpy_to_pil(pipeline.to_numpy(x))[0]
-        return image if image.size == (self.s.width, self.s.height) else image.resize((self.s.width, self.s.height))
+        return image if image.size == self.out_size else image.resize(self.out_size)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] of latents z [B, C, h, w] (SDXL: its float32 VAE)."""
@@ -109,10 +120,13 @@ class Task:
             prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=s.sampler.label,
             schedule_type=s.sampler.schedule_label if s.sampler.schedule in USER_SCHEDULES else None,
             cfg_scale=s.scale, seed=seed, width=s.width, height=s.height, model=m.name, model_hash=m.model_hash,
-            denoising_strength=s.strength if s.mode in ("img2img", "inpaint") else None,
+            denoising_strength=s.strength if s.mode in ("img2img", "inpaint") else
+            s.hires.strength if s.hires is not None else None,
             eta=s.eta if s.eta is not None and s.eta != s.sampler.spec.eta else None, vae=m.vae_name,
             clip_skip=self.clip_skip))
         text = sdxl_session.parameters(text, s.sdxl)
+        if s.hires is not None:
+            text = hires.add_settings(text, s.hires, self.out_size)
         return inpaint.add_settings(text, s.inpaint) if s.inpaint is not None else text
 
 
@@ -128,7 +142,12 @@ def sd_latents(task: Task, job: pipeline.Job, callback: pipeline.StepCallback) -
         return inpaint.sample_inpaint(model, s.sampler, task.prepared, cond, uncond, s.steps, s.strength, s.scale,
                                       gens, s.eta, callback)
     x_T = pipeline.draw(gens, task.shape, task.m.device)
-    return pipeline.sample_txt2img(model, s.sampler, x_T, cond, uncond, s.steps, s.scale, gens, s.eta, callback)
+    z = pipeline.sample_txt2img(model, s.sampler, x_T, cond, uncond, s.steps, s.scale, gens, s.eta, callback)
+    if s.hires is None:
+        return z
+    return hires.second_pass(model, s.sampler, z, s.hires, task.out_size, task.m.geometry.factor, s.steps,
+                             pipeline.guided_denoiser(model, uncond, s.scale), cond, job.seeds, s.eta, task._decode,
+                             hires.offset_callback(callback, task.first_pass_steps))
 
 
 # model kind -> its conditioning + sampling function (task, job, step callback) -> latents

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ldm import samplers
-from ldm.inference import ranges, sdxl_args
+from ldm.inference import hires, ranges, sdxl_args
 from ldm.inference.errors import UsageError, UsageParser
 from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
@@ -67,6 +67,7 @@ class Options:
     sampler_given: bool = True  # False: no --sampler/--plms/--dpm (SDXL then samples as the original)
     sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
     clip_skip: int = 1  # the web UI's "Clip skip"
+    hires: Optional[Any] = None  # ldm.inference.hires.HiresOptions (txt2img --hires)
 
     @property
     def sampler_choice(self) -> samplers.SamplerChoice:
@@ -198,6 +199,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     _output_flags(p, mode)
     _speed_flags(p)
     sdxl_args.add_flags(p, mode)
+    if mode == "txt2img":
+        hires.add_flags(p)
     if mode == "inpaint":
         from ldm.inference.inpaint import add_flags
 
@@ -357,6 +360,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
         fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint,
         loras=_lora_specs(ns.lora), sampler_given=ns.sampler is not None or ns.plms or ns.dpm, clip_skip=ns.clip_skip,
+        hires=hires.options_from(ns),
         sdxl=sdxl_args.options_from(ns, _check_file(getattr(ns, "refiner", None), "--refiner", "checkpoint")))
 
 

@@ -11,7 +11,8 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from PIL import Image
 
-from ldm.inference import inpaint, limits, loading, pipeline, sdxl_session
+from ldm.inference import hires, inpaint, limits, loading, pipeline, sdxl_session
+from ldm.inference.sdxl import is_sdxl_config
 from ldm.inference.args import Options, read_prompts
 from ldm.inference.errors import UsageError
 from ldm.inference.outputs import OutputWriter, check_writable
@@ -47,6 +48,13 @@ class Plan:
     prompts: list[str]
     init_image: Optional[Image.Image] = None
     canvas: Optional[inpaint.Canvas] = None  # the inpaint mode's picture and mask
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(width, height) of the saved pictures: the hires fix's target, else the generated size."""
+        if self.opts.hires is None:
+            return self.width, self.height
+        return hires.target_size(self.opts.hires, self.width, self.height, self.geometry.factor)
 
 
 @dataclass
@@ -107,14 +115,15 @@ def _check_device(device: str) -> None:
 def _check_limits(p: Plan) -> None:
     """Image size, image count and a memory estimate of one batch (``limits``; --allow_large skips them)."""
     o = p.opts
-    limits.check_size(p.width, p.height, o.allow_large)
+    width, height = p.out_size
+    limits.check_size(width, height, o.allow_large)
     per_iter = len(p.prompts) * o.repeat if o.from_file is not None else o.n_samples
     limits.check_count(per_iter * o.n_iter, o.allow_large)
     half = torch.device(o.device).type != "cpu" and (o.precision == "autocast" or o.bf16 or o.fast)
-    needed = limits.estimate_bytes(p.config, p.geometry.factor, p.width, p.height, o.n_samples, o.scale != 1.0,
+    needed = limits.estimate_bytes(p.config, p.geometry.factor, width, height, o.n_samples, o.scale != 1.0,
                                    2 if half else 4, o.tiled_vae, limits.file_bytes(p.source.ckpt_path))
     limits.check_memory(needed, o.device, o.allow_large,
-                        f"a batch of {o.n_samples} image{'s' if o.n_samples != 1 else ''} of {p.width}x{p.height}")
+                        f"a batch of {o.n_samples} image{'s' if o.n_samples != 1 else ''} of {width}x{height}")
 
 
 def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
@@ -129,6 +138,8 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     geometry = loading.model_geometry(config, source.config_path)
     check_geometry(opts, geometry)
     inpaint.check_mode(opts.mode, config, source)
+    if opts.hires is not None and is_sdxl_config(config):
+        raise UsageError("the hires fix (--hires) is for SD 1/2 models; SDXL generates at 1024 pixels: drop --hires")
     opts = inpaint.with_default_strength(opts, config)
     f = geometry.factor
     width = valid_side("--W", opts.width, f) if opts.width is not None else None
@@ -162,7 +173,7 @@ def settings(p: Plan) -> Settings:
     o = p.opts
     return Settings(o.mode, o.negative_prompt, o.steps, o.sampler_choice, o.scale, p.width, p.height, eta=o.eta,
                     strength=o.strength, init_image=p.init_image, canvas=p.canvas, inpaint=o.inpaint,
-                    sdxl=o.sdxl, clip_skip=o.clip_skip)
+                    sdxl=o.sdxl, clip_skip=o.clip_skip, hires=o.hires)
 
 
 def _save_batch(task: Task, writer: OutputWriter, job: pipeline.Job, images: list[Image.Image],

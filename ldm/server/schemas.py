@@ -1,7 +1,8 @@
 """Request bodies of the web UI's API (``/sdapi/v1/txt2img``, ``img2img``...), with its JSON field names.
 
 Unknown fields are ignored, as the web UI does; wrong types and out-of-range values are 422 answers.
-Fields the web UI has but this server does not use (``restore_faces``, ``enable_hr``, scripts...) are ignored too.
+Fields the web UI has but this server does not use (``restore_faces``, ``hr_sampler_name``, scripts...) are ignored
+too.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ldm.inference.errors import UsageError
+from ldm.inference.hires import DEFAULT_STRENGTH, HiresOptions
 
 MAX_CLIP_SKIP = 12  # the web UI's CLIP_stop_at_last_layers slider goes from 1 to 12
 
@@ -76,7 +80,59 @@ class GenerationBody(_Body):
 
 
 class Txt2ImgBody(GenerationBody):
-    """``POST /sdapi/v1/txt2img``."""
+    """``POST /sdapi/v1/txt2img``, with the hires fix (``enable_hr`` and its ``hr_*`` fields)."""
+
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1, le=4, allow_inf_nan=False)
+    hr_upscaler: Optional[str] = None  # None: Latent
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    denoising_strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)  # hires; None: 0.7
+    # a second pass with its own prompt, sampler or model is not available: empty or the first pass's only
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_sampler_name: Optional[str] = None
+    hr_checkpoint_name: Optional[str] = None
+
+    def hires(self) -> Optional[HiresOptions]:
+        """The hires fix asked for (None when ``enable_hr`` is off); UsageError for second-pass settings of its
+        own (prompt, sampler, checkpoint), which this server does not run."""
+        if not self.enable_hr:
+            return None
+        own = [name for name, value, first in (("hr_prompt", self.hr_prompt, self.prompt),
+                                               ("hr_negative_prompt", self.hr_negative_prompt, self.negative_prompt),
+                                               ("hr_sampler_name", self.hr_sampler_name, self.sampler()),
+                                               ("hr_checkpoint_name", self.hr_checkpoint_name, None))
+               if value and value not in (first, "Use same sampler", "Use same checkpoint")]
+        if own:
+            raise UsageError(f"{', '.join(own)}: a hires second pass with its own prompt, sampler or checkpoint is "
+                             f"not available here; leave them empty (the first pass's are used)")
+        strength = DEFAULT_STRENGTH if self.denoising_strength is None else self.denoising_strength
+        return HiresOptions(self.hr_scale, self.hr_upscaler or "Latent", self.hr_second_pass_steps, strength,
+                            self.hr_resize_x, self.hr_resize_y)
+
+    def check_limits(self, limits: Limits) -> Optional[str]:
+        """The shared limits, plus the hires pass's steps and size."""
+        problem = super().check_limits(limits)
+        if problem or not self.enable_hr:
+            return problem
+        if self.hr_second_pass_steps > limits.max_steps:
+            return (f"hr_second_pass_steps {self.hr_second_pass_steps} is more than this server allows "
+                    f"({limits.max_steps})")
+        w, h = self.width or 512, self.height or 512
+        if self.hr_resize_x or self.hr_resize_y:
+            x = self.hr_resize_x or w * self.hr_resize_y / h
+            y = self.hr_resize_y or h * self.hr_resize_x / w
+        else:
+            x, y = w * self.hr_scale, h * self.hr_scale
+        if x * y > limits.max_pixels:
+            return f"the hires size {int(x)}x{int(y)} is more than this server allows ({limits.max_pixels} pixels)"
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """The shared keywords plus ``hires``."""
+        return {**super().settings(), "hires": self.hires()}
 
 
 class Img2ImgBody(GenerationBody):
