@@ -16,6 +16,7 @@ from ldm.default_model.classify import read_picture
 from ldm.default_model.evaluation import Adherence, evaluation_prompts, psnr
 from ldm.default_model.export import COND_STAGE_PREFIX, inference_config, initial_state, shipped_state
 from ldm.default_model.latents import CachedMoments, MomentsAutoencoderKL, encode_to_cache, latent_std
+from tiny_model import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "ldm" / "sd-shapes"
@@ -311,12 +312,7 @@ def test_recipe_polishes_a_copy_of_the_exported_model_round_after_round(tmp_path
 
 
 def test_recipe_command_chooses_the_polish_rounds(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_default_model_rounds",
-                                                  ROOT / "scripts" / "train_default_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_default_model")
     seen = []
     monkeypatch.setattr(script, "run", lambda recipe: seen.append(recipe.polish_rounds) or {"total": 0.0})
     common = ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path)]
@@ -399,12 +395,7 @@ def test_polishing_fine_tunes_the_exported_model_on_its_own_latents(tmp_path, mo
 
 
 def test_polish_command_passes_its_data_choices_to_the_stage(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_default_model_script",
-                                                  ROOT / "scripts" / "train_default_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_default_model")
     seen = []
     monkeypatch.setattr(script, "polish_model", lambda recipe, polish: seen.append(polish) or {"total": 0.0})
     assert script.main(["--polish", str(MODEL_DIR), "--out", str(tmp_path / "out"), "--workdir", str(tmp_path),
