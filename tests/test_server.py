@@ -355,6 +355,21 @@ def test_queue_order_withdraw_full_and_failures():
         queue.stop()
 
 
+def test_img2img_resize_modes(client, server):
+    wide = Image.new("RGB", (128, 64), "red")
+    wide.paste((0, 0, 255), (0, 0, 32, 64))
+    for mode in (1, 2):
+        result = client.img2img(images=[wide], prompt=PROMPT, seed=2, resize_mode=mode, denoising_strength=0.3,
+                                **SMALL)
+        assert result.image.size == (64, 64)
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    body = {"init_images": [base64.b64encode(buffer.getvalue()).decode()], "prompt": "x", "steps": 2, "width": 64,
+            "height": 64, "resize_mode": 3}
+    answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert answer.status_code in (400, 422) and "latent upscale" in answer.json()["message"]
+
+
 def test_img2img_size_limit_counts_the_picture(server):
     """Without width/height the picture's own size is generated: it must fit the server's limit too."""
     big = Image.new("RGB", (1200, 1000), "red")

@@ -14,6 +14,7 @@ from ldm.api.model import LoadedModel
 from ldm.api.task import Cancelled, ProgressCallback, Settings, StepWatch, Task
 from ldm.inference import hires, inpaint, limits, pipeline, ranges
 from ldm.inference.errors import UsageError
+from ldm.inference.resize import resize_image, resize_mode
 from ldm.inference.sdxl import SDXL, default_options as sdxl_default_options
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Request:
     sdxl: Optional[Any] = None  # SDXL models: ldm.inference.sdxl.SdxlOptions (original size, crop, refiner...)
     clip_skip: int = 1  # the web UI's "Clip skip" (SD 1 text encoders; 2 is the usual choice)
     hires: Optional[hires.HiresOptions] = None  # txt2img: the hires fix (upscale + img2img at the larger size)
+    resize_mode: Any = 0  # img2img / inpaint: 0 just resize, 1 crop and resize, 2 resize and fill (or their names)
 
 
 @dataclass
@@ -118,14 +120,16 @@ def _sampler(m: LoadedModel, r: Request) -> samplers.SamplerChoice:
         raise UsageError(str(e)) from None
 
 
-def _sized(image: Image.Image, factor: int, width: Optional[int], height: Optional[int]) -> Image.Image:
-    """RGB ``image`` resized to width x height (default: its own size cut down to a multiple of factor)."""
+def _sized(image: Image.Image, factor: int, width: Optional[int], height: Optional[int],
+           mode: int = 0) -> Image.Image:
+    """RGB ``image`` brought to width x height by resize ``mode`` (default: its own size cut down to a multiple of
+    factor)."""
     image = pipeline._rgb(image)
     w, h = image.size
     target = (width or w - w % factor, height or h - h % factor)
     if min(target) < factor:
         raise UsageError(f"the input image is {w}x{h} pixels; it needs at least {factor} pixels per side")
-    return image if target == (w, h) else image.resize(target, resample=Image.LANCZOS)
+    return resize_image(image, *target, mode)
 
 
 def _canvas(m: LoadedModel, r: Request, width: Optional[int], height: Optional[int]) -> tuple[Any, Any]:
@@ -135,8 +139,12 @@ def _canvas(m: LoadedModel, r: Request, width: Optional[int], height: Optional[i
     opts = inpaint.InpaintOptions(None, r.mask_blur, r.invert_mask, (0, 0, 0, 0), "edge", r.full_res,
                                   r.full_res_padding, r.strength is not None)
     f = m.geometry.factor
-    image = _sized(r.init_image, f, None if r.full_res else width, None if r.full_res else height)
-    mask = pipeline._rgb(r.mask).convert("L")
+    mode = resize_mode(r.resize_mode)
+    image = _sized(r.init_image, f, None if r.full_res else width, None if r.full_res else height, mode)
+    mask = pipeline._rgb(r.mask)
+    if mode and mask.size == r.init_image.size:  # cropped or filled as the picture is
+        mask = resize_image(mask, *image.size, mode)
+    mask = mask.convert("L")
     if mask.size != image.size:
         mask = mask.resize(image.size, resample=Image.BILINEAR)
     if r.invert_mask:
@@ -158,7 +166,7 @@ def settings_for(m: LoadedModel, r: Request, mode: str) -> Settings:
     if mode == "img2img":
         if r.init_image is None:
             raise UsageError("img2img needs an input image (init_images)")
-        init = _sized(r.init_image, f, width, height)
+        init = _sized(r.init_image, f, width, height, resize_mode(r.resize_mode))
         width, height = init.size
         strength = 0.75 if r.strength is None else r.strength
     elif mode == "inpaint":

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 
 from ldm import samplers
 from ldm.inference import hires, ranges, sdxl_args
+from ldm.inference.resize import resize_mode
 from ldm.inference.errors import UsageError, UsageParser
 from ldm.samplers.schedules import SCHEDULE_ALIASES, USER_SCHEDULES
 
@@ -68,6 +69,7 @@ class Options:
     sdxl: Optional[Any] = None  # ldm.inference.sdxl.SdxlOptions (size/crop/aesthetic conditioning, refiner)
     clip_skip: int = 1  # the web UI's "Clip skip"
     hires: Optional[Any] = None  # ldm.inference.hires.HiresOptions (txt2img --hires)
+    resize_mode: int = 0  # img2img: ldm.inference.resize's modes
 
     @property
     def sampler_choice(self) -> samplers.SamplerChoice:
@@ -141,6 +143,10 @@ def _sampling_flags(p: argparse.ArgumentParser, mode: str) -> None:
                        help="how much to change the input image: 0 keeps it, 1 replaces it" + (
                            "" if mode == "img2img" else " (default 1 for inpainting models and outpainting, "
                                                         "else 0.75)"))
+    if mode == "img2img":
+        g.add_argument("--resize_mode", "--resize-mode", dest="resize_mode", default="0", metavar="MODE",
+                       help="how the input is brought to --W x --H: 0 / just (stretch, default), 1 / crop (crop and "
+                            "resize), 2 / fill (resize and fill with its stretched edges)")
 
 
 def _prompt_flags(p: argparse.ArgumentParser) -> None:
@@ -360,7 +366,7 @@ def parse_options(argv: Optional[Sequence[str]], mode: str) -> Options:
         init_img=_check_file(ns.init_img, "--init-img", "image"), strength=ns.strength, tiled_vae=ns.tiled_vae,
         fast=ns.fast, compile=ns.compile, threads=ns.threads, allow_large=ns.allow_large, inpaint=inpaint,
         loras=_lora_specs(ns.lora), sampler_given=ns.sampler is not None or ns.plms or ns.dpm, clip_skip=ns.clip_skip,
-        hires=hires.options_from(ns),
+        hires=hires.options_from(ns), resize_mode=resize_mode(getattr(ns, "resize_mode", 0)),
         sdxl=sdxl_args.options_from(ns, _check_file(getattr(ns, "refiner", None), "--refiner", "checkpoint")))
 
 

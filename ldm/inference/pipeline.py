@@ -307,8 +307,9 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def load_init_image(path: Any, factor: int, width: Optional[int] = None, height: Optional[int] = None,
-                    allow_large: bool = False) -> Image.Image:
-    """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor.
+                    allow_large: bool = False, resize_mode: int = 0) -> Image.Image:
+    """The init image as RGB, resized to ``width x height`` or to its own size cut down to a multiple of factor
+    (``resize_mode``: the web UI's, see ``ldm.inference.resize``).
 
     Its size is checked from the file's header before any pixel is decoded (``limits``; ``allow_large`` skips).
     """
@@ -331,8 +332,10 @@ def load_init_image(path: Any, factor: int, width: Optional[int] = None, height:
         raise UsageError(f"--init-img '{path}' is {w}x{h} pixels; it needs at least {factor} pixels per side "
                          f"(or pass --W/--H to resize it)")
     if target != (w, h):
-        logger.info("init image %dx%d resized to %dx%d (a multiple of %d)", w, h, *target, factor)
-        image = image.resize(target, resample=Image.LANCZOS)
+        from ldm.inference.resize import RESIZE_MODES, resize_image
+
+        logger.info("init image %dx%d brought to %dx%d (%s)", w, h, *target, RESIZE_MODES[resize_mode].lower())
+        image = resize_image(image, *target, resize_mode)
     return image
 
 

@@ -147,7 +147,7 @@ def plan(opts: Options, default_dir: Optional[Path] = None) -> Plan:
     prompts = _prompts(opts, source)
     init_image = None
     if opts.mode == "img2img":
-        init_image = pipeline.load_init_image(opts.init_img, f, width, height, opts.allow_large)
+        init_image = pipeline.load_init_image(opts.init_img, f, width, height, opts.allow_large, opts.resize_mode)
         width, height = init_image.size
     canvas = None
     if opts.mode == "inpaint":

@@ -127,6 +127,7 @@ def _img2img_request(service: Service) -> Callable[[Img2ImgBody], api.Request]:
             raise UsageError(f"init_images[0] is {image.width}x{image.height}: generating it is more than this "
                              f"server allows ({service.cfg.limits.max_pixels} pixels); send width and height")
         return api.Request(**body.settings(), strength=body.denoising_strength, init_image=image, mask=mask,
+                           resize_mode=body.resize_mode,
                            mask_blur=body.mask_blur, invert_mask=bool(body.inpainting_mask_invert),
                            full_res=body.inpaint_full_res, full_res_padding=body.inpaint_full_res_padding)
     return convert

@@ -140,6 +140,7 @@ class Img2ImgBody(GenerationBody):
 
     init_images: list[str] = Field(min_length=1)
     denoising_strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill (3: refused)
     mask: Optional[str] = None
     mask_blur: int = Field(4, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
