@@ -90,4 +90,5 @@ def test_script_flags(tmp_path):
         ("64x64", "1.5", "Lanczos", "0.5")
     assert txt2img.main(["--prompt", PROMPT, "--outdir", str(tmp_path / "bad"), "--hires", "--hr_upscaler",
                          "ESRGAN"]) == 2
+    assert txt2img.main(["--prompt", PROMPT, "--outdir", str(tmp_path / "bad"), "--hr_scale", "2.5"]) == 2
     assert not (tmp_path / "bad" / "samples").exists() or not list((tmp_path / "bad" / "samples").iterdir())

@@ -125,8 +125,19 @@ def add_flags(p: Any) -> None:
 
 
 def options_from(ns: Any) -> Optional[HiresOptions]:
-    """The checked hires options of parsed flags (None when ``--hires`` is off)."""
+    """The checked hires options of parsed flags (None when ``--hires`` is off); UsageError for hires flags given
+    without ``--hires``."""
     if not getattr(ns, "hires", False):
+        d = HiresOptions()
+        given = [flag for flag, value, default in (("--hr_scale", ns.hr_scale, d.scale),
+                                                   ("--hr_upscaler", ns.hr_upscaler, d.upscaler),
+                                                   ("--hr_steps", ns.hr_steps, d.steps),
+                                                   ("--denoising_strength", ns.hr_strength, d.strength),
+                                                   ("--hr_resize_x", ns.hr_resize_x, d.resize_x),
+                                                   ("--hr_resize_y", ns.hr_resize_y, d.resize_y))
+                 if value != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} set the hires fix's second pass: add --hires to turn it on")
         return None
     return checked(HiresOptions(ns.hr_scale, ns.hr_upscaler, ns.hr_steps, ns.hr_strength, ns.hr_resize_x,
                                 ns.hr_resize_y))
