@@ -1,6 +1,6 @@
 """Retrain the embedded default model (models/ldm/sd-shapes) from nothing, with the project's own code.
 
-    python scripts/train_default_model.py                       # CPU: about 5 h on 2 cores
+    python scripts/train_default_model.py                       # CPU: about 9 h on 2 cores
     python scripts/train_default_model.py --device cuda --threads 0
     python scripts/train_default_model.py --polish models/ldm/sd-shapes --out /tmp/polished   # fine-tuning only
     python scripts/train_default_model.py --tune_decoder models/ldm/sd-shapes --out /tmp/tuned  # decoder only

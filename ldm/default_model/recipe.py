@@ -37,9 +37,10 @@ class PolishRound:
     emphasis_seed: int
 
 
-# the rounds that made the shipped model (models/ldm/sd-shapes/README.md, stages 5 and 6), each from the last's output
+# the rounds that made the shipped model (models/ldm/sd-shapes/README.md, stages 5-7), each from the last's output
 POLISH_ROUNDS = (PolishRound(5000, "star=3,triangle=2.5,square=2.5", 5),
-                 PolishRound(6000, "circle=2.5,star=2.2,square=2,triangle=1.5,purple=1.4,red=1.4", 6))
+                 PolishRound(6000, "circle=2.5,star=2.2,square=2,triangle=1.5,purple=1.4,red=1.4", 6),
+                 PolishRound(5500, "star=3,circle=1.5,square=1.5,triangle=1.5", 7))
 
 
 @dataclass
