@@ -127,7 +127,9 @@ def add_flags(p: Any) -> None:
 def options_from(ns: Any) -> Optional[HiresOptions]:
     """The checked hires options of parsed flags (None when ``--hires`` is off); UsageError for hires flags given
     without ``--hires``."""
-    if not getattr(ns, "hires", False):
+    if not hasattr(ns, "hr_scale"):  # img2img and inpaint have no hires flags
+        return None
+    if not ns.hires:
         d = HiresOptions()
         given = [flag for flag, value, default in (("--hr_scale", ns.hr_scale, d.scale),
                                                    ("--hr_upscaler", ns.hr_upscaler, d.upscaler),
