@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -153,12 +152,11 @@ def upscale(model: Any, z: torch.Tensor, h: HiresOptions, size: tuple[int, int],
         mode, antialias = LATENT_UPSCALERS[h.upscaler]
         cells = (size[1] // factor, size[0] // factor)
         return F.interpolate(z.float(), size=cells, mode=mode, antialias=antialias).to(z.dtype)
-    resized = []
-    for x in decode(z):  # [3, H, W] in [0, 1]
-        array = (x.permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
-        image = Image.fromarray(array).resize(size, IMAGE_UPSCALERS[h.upscaler])
-        resized.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    batch = torch.stack(resized).to(z.device)
+    from ldm.inference.pipeline import image_tensor, to_numpy
+    from ldm.modules.safety import numpy_to_pil
+
+    pictures = numpy_to_pil(to_numpy(decode(z).float()))
+    batch = torch.cat([image_tensor(p.resize(size, IMAGE_UPSCALERS[h.upscaler]), z.device) for p in pictures])
     posterior = model.encode_first_stage(batch.to(next(model.first_stage_model.parameters()).dtype))
     mean, std = posterior.mean.float(), posterior.std.float()
     return model.scale_factor * (mean + std * draw(gens, mean.shape[1:], mean.device))
